@@ -1,0 +1,45 @@
+"""Trainer callbacks the CLI installs by default."""
+
+from __future__ import annotations
+
+import time
+
+import lightning.pytorch as pl
+
+
+class FinalEvaluation(pl.Callback):
+    """Evaluates once more when ``max_steps`` is reached off the ``val_check_interval`` grid.
+
+    Setting ``trainer.should_stop`` on the last step makes Lightning's loop run its validation before it stops.
+    """
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx) -> None:
+        interval = trainer.val_check_interval
+        if trainer.max_steps is None or trainer.max_steps < 0 or trainer.limit_val_batches == 0:
+            return
+        if trainer.global_step >= trainer.max_steps and (
+            not isinstance(interval, int) or trainer.global_step % interval != 0
+        ):
+            trainer.should_stop = True
+
+
+class StepsPerSecond(pl.Callback):
+    """Logs ``perf/steps_per_sec``: optimizer steps per wall-clock second over each logging window."""
+
+    def __init__(self) -> None:
+        self._t0, self._step0 = None, 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._t0 is None:
+            self._t0, self._step0 = time.perf_counter(), trainer.global_step
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._t0 = None  # evaluation time is not training time
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        steps = trainer.global_step - self._step0
+        if self._t0 is None or steps < max(1, trainer.log_every_n_steps):
+            return
+        rate = steps / (time.perf_counter() - self._t0)
+        pl_module.log("perf/steps_per_sec", rate, on_step=True, prog_bar=True)
+        self._t0, self._step0 = time.perf_counter(), trainer.global_step

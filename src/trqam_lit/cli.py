@@ -1,0 +1,90 @@
+"""`trqam-lit`: the LightningCLI entry point (fit, validate, test) with shapes linked from the DataModule."""
+
+from __future__ import annotations
+
+import sys
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from .agents import FlowAgent
+from .callbacks import FinalEvaluation, StepsPerSecond
+
+
+class TRQAMCLI(LightningCLI):
+    """LightningCLI with the DataModule's shapes linked into the agent and TensorBoard under ``runs/``."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        for src, dst in (
+            ("data.obs_dim", "model.init_args.obs_dim"),
+            ("data.chunk_dim", "model.init_args.action_dim"),
+            ("data.horizon", "model.init_args.horizon"),
+            ("data.discount", "model.init_args.discount"),
+        ):
+            parser.link_arguments(src, dst, apply_on="instantiate")
+        # Checkpointing is always on (last.ckpt for resume); its interval is a first-class option.
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 1000})
+
+    def before_fit(self) -> None:
+        logger = self.trainer.logger
+        if logger is not None:
+            # The full resolved config, flattened, as TensorBoard hparams.
+            logger.log_hyperparams(self.config[self.subcommand].as_dict())
+            if self.trainer.is_global_zero:
+                print(f"trqam-lit: logging to {logger.log_dir}", flush=True)
+
+    def after_fit(self) -> None:
+        if not self.trainer.is_global_zero:
+            return
+        ckpt = self.trainer.checkpoint_callback
+        logger = self.trainer.logger
+        lines = ["", "trqam-lit: training finished."]
+        if logger is not None:
+            lines.append(f"  TensorBoard logs: {logger.log_dir}")
+            lines.append(f"  open them with:   tensorboard --logdir {logger.save_dir}")
+        if ckpt is not None and (ckpt.last_model_path or ckpt.best_model_path):
+            lines.append(f"  checkpoint:       {ckpt.last_model_path or ckpt.best_model_path}")
+        print("\n".join(lines), flush=True)
+
+
+def trainer_defaults() -> dict:
+    return {
+        "logger": {
+            "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+            "init_args": {"save_dir": "runs", "name": "trqam", "default_hp_metric": False},
+        },
+        "callbacks": [FinalEvaluation(), StepsPerSecond()],
+        "val_check_interval": 1000,
+        "num_sanity_val_steps": 0,  # an evaluation is a batch of episodes: never run one just as a sanity check
+        "check_val_every_n_epoch": None,
+        "log_every_n_steps": 50,
+        "max_steps": 1000,
+    }
+
+
+def build_cli(args: list[str] | None = None, run: bool = True) -> TRQAMCLI:
+    """Build (and by default run) the CLI; tests call this in-process and inspect the returned object."""
+    return TRQAMCLI(
+        model_class=FlowAgent,
+        datamodule_class=pl.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        trainer_defaults=trainer_defaults(),
+        parser_kwargs={"parser_mode": "omegaconf"},
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        run=run,
+    )
+
+
+def main(args: list[str] | None = None) -> None:
+    """Console-script entry: ``trqam-lit fit --config cfg.yaml [--overrides]``."""
+    build_cli(args)
+
+
+__all__ = ["TRQAMCLI", "build_cli", "main"]
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,60 @@
+"""Shared test helpers: run the real CLI, read TensorBoard event files back."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+
+
+def read_scalars(log_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar in a TensorBoard run directory: tag -> [(step, value), ...]."""
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def run_cli(args: list[str], cwd: Path, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The installed `trqam-lit` console script's code path, in a subprocess (as a user runs it)."""
+    full_env = {**os.environ, "MUJOCO_GL": "disable", "PYTHONWARNINGS": "ignore", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "trqam_lit.cli", *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def fast_trainer_args(root: Path, max_steps: int, val_every: int) -> list[str]:
+    return [
+        f"--trainer.max_steps={max_steps}",
+        f"--trainer.val_check_interval={val_every}",
+        "--trainer.log_every_n_steps=1",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        f"--trainer.logger.init_args.save_dir={root / 'runs'}",
+    ]
+
+
+class StateDump:
+    """Lightning callback (used by the DDP test): each rank saves its final module state to ``dirpath``."""
+
+    def __new__(cls, dirpath: str):
+        import lightning.pytorch as pl
+        import torch
+
+        class _StateDump(pl.Callback):
+            def on_train_end(self, trainer, pl_module) -> None:
+                Path(dirpath).mkdir(parents=True, exist_ok=True)
+                state = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
+                torch.save(state, Path(dirpath) / f"rank{trainer.global_rank}.pt")
+
+        return _StateDump()

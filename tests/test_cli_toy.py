@@ -1,0 +1,117 @@
+"""The real `trqam-lit` CLI on the built-in toy bandit: fit, validate, print_config, errors, resume, bf16."""
+
+from __future__ import annotations
+
+import math
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from helpers import CONFIGS, fast_trainer_args, read_scalars, run_cli
+from trqam_lit.dual import dual_step
+
+TOY = str(CONFIGS / "toy" / "bandit.yaml")
+SMALL = ["--model.init_args.bc_warmup_steps=10", "--data.init_args.eval_samples=200", "--data.init_args.batch_size=64"]
+
+
+def run_dir(root) -> str:
+    (path,) = list((root / "runs").glob("*/version_*"))
+    return path
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toy")
+    proc = run_cli(["fit", "--config", TOY, *fast_trainer_args(root, 30, 15), *SMALL], cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root, proc
+
+
+def test_fit_logs_every_scalar_finite(toy_run):
+    root, proc = toy_run
+    scalars = read_scalars(run_dir(root))
+    for tag in ("train/critic_loss", "train/bc_loss", "train/am_loss", "train/q_mean", "dual/kl", "dual/kl_ema",
+                "dual/lambda", "eval/return", "eval/action_mean", "eval/length", "perf/steps_per_sec",
+                "train/grad_norm"):  # fmt: skip
+        assert tag in scalars, f"{tag} missing; have {sorted(scalars)}"
+        assert all(math.isfinite(v) for _, v in scalars[tag]), tag
+    # evaluated at the interval (step 15) and once more at the end (step 30)
+    assert len(scalars["eval/return"]) == 2
+    assert "TensorBoard logs:" in proc.stdout and "tensorboard --logdir" in proc.stdout
+    assert "last.ckpt" in proc.stdout
+
+
+def test_validate_evaluates_the_saved_checkpoint(toy_run):
+    root, _ = toy_run
+    ckpt = next((root / "runs").glob("*/version_*/checkpoints/last.ckpt"))
+    proc = run_cli(["validate", "--config", TOY, "--ckpt_path", str(ckpt), *SMALL,
+                    f"--trainer.logger.init_args.save_dir={root / 'val'}"], cwd=root)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "eval/return" in proc.stdout
+
+
+def test_print_config_resolves_links_and_classes(tmp_path):
+    proc = run_cli(["fit", "--config", TOY, "--print_config"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "class_path: trqam_lit.agents.TRQAM" in proc.stdout
+    assert "class_path: trqam_lit.toy.ToyBanditDataModule" in proc.stdout
+    assert "every_n_train_steps" in proc.stdout
+
+
+def test_wrong_key_gives_a_clear_error(tmp_path):
+    proc = run_cli(["fit", "--config", TOY, "--model.init_args.lamda_init=2.0"], cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "lamda_init" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_bf16_mixed_trains_without_nan(tmp_path):
+    proc = run_cli(["fit", "--config", TOY, *fast_trainer_args(tmp_path, 20, 20), *SMALL,
+                    "--trainer.precision=bf16-mixed"], cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    scalars = read_scalars(run_dir(tmp_path))
+    for tag in ("train/am_loss", "train/bc_loss", "dual/kl", "dual/lambda", "eval/return"):
+        assert all(math.isfinite(v) for _, v in scalars[tag]), tag
+
+
+def test_killed_run_resumes_lambda_kl_average_and_step_exactly(tmp_path):
+    args = ["fit", "--config", TOY, *fast_trainer_args(tmp_path / "a", 100_000, 100_000), *SMALL,
+            "--checkpoint.every_n_train_steps=15"]  # fmt: skip
+    cmd = [sys.executable, "-m", "trqam_lit.cli", *args]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**__import__("os").environ, "PYTHONWARNINGS": "ignore"})  # fmt: skip
+    ckpt_glob = (tmp_path / "a" / "runs").glob
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline:
+            ckpts = list(ckpt_glob("*/version_*/checkpoints/*step=*.ckpt"))
+            if any(int(p.stem.split("step=")[1]) >= 30 for p in ckpts):  # a checkpoint past the warm-up
+                time.sleep(0.5)
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("no checkpoint appeared")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    last = next(ckpt_glob("*/version_*/checkpoints/last.ckpt"))
+    saved = torch.load(last, map_location="cpu", weights_only=False)
+    step, lam, ema = saved["global_step"], saved["state_dict"]["dual.lam"], saved["state_dict"]["dual.kl_ema"]
+    assert step >= 30 and step % 15 == 0
+    resumed = run_cli(["fit", "--config", TOY, *fast_trainer_args(tmp_path / "b", step + 3, 100_000), *SMALL,
+                       "--ckpt_path", str(last)], cwd=tmp_path)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    scalars = read_scalars(run_dir(tmp_path / "b"))
+    steps = [s for s, _ in scalars["dual/lambda"]]
+    assert steps[0] == step  # the step count continues
+    kl = dict(scalars["dual/kl"])[step]
+    exp_lam, exp_ema = dual_step(lam, ema, torch.tensor(kl), eps_kl=0.01, eta=0.1)
+    assert scalars["dual/lambda"][0][1] == pytest.approx(exp_lam.item(), rel=1e-5)
+    assert scalars["dual/kl_ema"][0][1] == pytest.approx(exp_ema.item(), rel=1e-5)
+    final = torch.load(next((tmp_path / "b" / "runs").glob("*/version_*/checkpoints/last.ckpt")),
+                       map_location="cpu", weights_only=False)  # fmt: skip
+    assert final["global_step"] == step + 3
