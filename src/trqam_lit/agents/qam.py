@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+
 from ..sde import Solver
 from .trqam import TRQAM
 
