@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning.pytorch as pl
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,17 +46,13 @@ def fast_trainer_args(root: Path, max_steps: int, val_every: int) -> list[str]:
     ]
 
 
-class StateDump:
+class StateDump(pl.Callback):
     """Lightning callback (used by the DDP test): each rank saves its final module state to ``dirpath``."""
 
-    def __new__(cls, dirpath: str):
-        import lightning.pytorch as pl
-        import torch
+    def __init__(self, dirpath: str) -> None:
+        self.dirpath = Path(dirpath)
 
-        class _StateDump(pl.Callback):
-            def on_train_end(self, trainer, pl_module) -> None:
-                Path(dirpath).mkdir(parents=True, exist_ok=True)
-                state = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
-                torch.save(state, Path(dirpath) / f"rank{trainer.global_rank}.pt")
-
-        return _StateDump()
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
+        torch.save(state, self.dirpath / f"rank{trainer.global_rank}.pt")

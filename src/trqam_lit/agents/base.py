@@ -193,7 +193,8 @@ class FlowAgent(pl.LightningModule):
     # ---- acting and evaluation --------------------------------------------------------------------------------
     @property
     def policy_net(self) -> nn.Module:
-        return self.v_ft if self.uses_critic else self.v_bc
+        # During the BC warm-up the policy being built is v_bc; evaluating the untrained v_ft would be noise.
+        return self.v_ft if self.uses_critic and not self.in_bc_warmup else self.v_bc
 
     @torch.no_grad()
     def act(self, obs: Tensor, noise: Tensor | None = None) -> Tensor:

@@ -1,0 +1,28 @@
+"""A real 2-process DDP run on CPU (gloo): lambda, the KL average and every parameter end identical."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from helpers import CONFIGS, REPO, fast_trainer_args, run_cli
+
+
+def test_two_process_ddp_keeps_every_rank_identical(tmp_path):
+    dump = tmp_path / "states"
+    env = {"PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
+    args = [
+        "fit", "--config", str(CONFIGS / "toy" / "bandit.yaml"), *fast_trainer_args(tmp_path, 12, 12),
+        "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu",
+        "--model.init_args.bc_warmup_steps=4", "--model.init_args.analytic_critic=false",
+        "--data.init_args.batch_size=32", "--data.init_args.eval_samples=64",
+        "--trainer.callbacks+=helpers.StateDump", f"--trainer.callbacks.dirpath={dump}",
+    ]  # fmt: skip
+    proc = run_cli(args, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r0, r1 = (torch.load(dump / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert r0.keys() == r1.keys()
+    assert r0["dual.lam"].item() != 1.0  # the dual step ran
+    for key in r0:
+        torch.testing.assert_close(r0[key], r1[key], rtol=0, atol=0, msg=f"{key} differs between ranks")
