@@ -1,0 +1,77 @@
+"""OGBench data: DataModule, chunk sampler, replay buffer, local dataset generator, shipped fixtures.
+
+Names are imported lazily so the generator's worker processes and ``trqam-lit-data`` start without
+importing Lightning.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "OGBenchDataModule": "trqam_lit.data.datamodule",
+    "ChunkStream": "trqam_lit.data.datamodule",
+    "ShardCycler": "trqam_lit.data.datamodule",
+    "ReplayBuffer": "trqam_lit.data.replay",
+    "ChunkTable": "trqam_lit.data.chunks",
+    "sample_chunks": "trqam_lit.data.chunks",
+    "BATCH_KEYS": "trqam_lit.data.chunks",
+    "load_table": "trqam_lit.data.loading",
+    "check_dataset_file": "trqam_lit.data.loading",
+    "env_spaces": "trqam_lit.data.loading",
+    "DatasetNotFoundError": "trqam_lit.data.errors",
+    "DatasetFormatError": "trqam_lit.data.errors",
+    "UnsupportedDomainError": "trqam_lit.data.errors",
+    "fixture_dir": "trqam_lit.data.paths",
+    "fixture_path": "trqam_lit.data.paths",
+    "dataset_name_for": "trqam_lit.data.paths",
+    "expected_files": "trqam_lit.data.paths",
+    "resolve_dataset_dir": "trqam_lit.data.paths",
+    "GenerationConfig": "trqam_lit.data.generate",
+    "generate_dataset": "trqam_lit.data.generate",
+}
+
+__all__ = [
+    "BATCH_KEYS",
+    "ChunkStream",
+    "ChunkTable",
+    "DatasetFormatError",
+    "DatasetNotFoundError",
+    "GenerationConfig",
+    "OGBenchDataModule",
+    "ReplayBuffer",
+    "ShardCycler",
+    "UnsupportedDomainError",
+    "check_dataset_file",
+    "dataset_name_for",
+    "env_spaces",
+    "expected_files",
+    "fixture_dir",
+    "fixture_path",
+    "generate_dataset",
+    "load_table",
+    "resolve_dataset_dir",
+    "sample_chunks",
+]
+
+if TYPE_CHECKING:
+    from trqam_lit.data.chunks import BATCH_KEYS, ChunkTable, sample_chunks
+    from trqam_lit.data.datamodule import ChunkStream, OGBenchDataModule, ShardCycler
+    from trqam_lit.data.errors import DatasetFormatError, DatasetNotFoundError, UnsupportedDomainError
+    from trqam_lit.data.generate import GenerationConfig, generate_dataset
+    from trqam_lit.data.loading import check_dataset_file, env_spaces, load_table
+    from trqam_lit.data.paths import dataset_name_for, expected_files, fixture_dir, fixture_path, resolve_dataset_dir
+    from trqam_lit.data.replay import ReplayBuffer
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

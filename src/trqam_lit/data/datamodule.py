@@ -1,0 +1,314 @@
+"""LightningDataModule over one OGBench single-task dataset (or a directory of shards), yielding chunk batches."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from trqam_lit.data.chunks import ChunkTable
+from trqam_lit.data.errors import DatasetNotFoundError
+from trqam_lit.data.loading import check_dataset_file, env_spaces, load_table, process_dataset, read_dataset
+from trqam_lit.data.paths import dataset_name_for, expected_files, missing_dataset_message, resolve_dataset_dir
+from trqam_lit.data.replay import ReplayBuffer
+
+
+class _SourceRef:
+    """Mutable handle so a running stream picks up the replay buffer once the online phase installs it."""
+
+    def __init__(self) -> None:
+        self.source: ChunkTable | ReplayBuffer | ShardCycler | None = None
+
+
+class ShardCycler:
+    """A directory of shards (the 100M releases): shard ``i`` is loaded on demand, the next one in the background.
+
+    Args:
+        paths: shard files in cycling order.
+        env_name: single-task env name used for checks and relabelling.
+        compact: load shards in the compact layout.
+        sparse: sparse rewards.
+        prefetch: load the next shard in a background thread while the current one is sampled.
+    """
+
+    def __init__(self, paths: list[Path], env_name: str, compact: bool, sparse: bool, prefetch: bool = True) -> None:
+        self.paths = list(paths)
+        self.env_name, self.compact, self.sparse, self.prefetch = env_name, compact, sparse, prefetch
+        self._current: tuple[int, ChunkTable] | None = None
+        self._pending: dict[int, Future] = {}
+        self._executor: ThreadPoolExecutor | None = None
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # DataLoader workers get the paths only; each loads its own shards.
+        return {**self.__dict__, "_current": None, "_pending": {}, "_executor": None}
+
+    def _read(self, i: int) -> dict[str, np.ndarray]:
+        return read_dataset(self.paths[i], self.env_name, compact=self.compact)
+
+    def get(self, i: int) -> ChunkTable:
+        """Table of shard ``i mod len(paths)``, waiting for its prefetch if one is running."""
+        i %= len(self.paths)
+        if self._current is None or self._current[0] != i:
+            future = self._pending.pop(i, None)
+            self._current = None  # free the old shard before the new one is complete in memory
+            raw = future.result() if future is not None else self._read(i)
+            # Relabelling resets the shared env: keep it in the sampling thread, only file reading is prefetched.
+            table = process_dataset(raw, self.env_name, sparse=self.sparse, source=str(self.paths[i]))
+            self._current = (i, table)
+        nxt = (i + 1) % len(self.paths)
+        if self.prefetch and nxt != i and nxt not in self._pending:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trqam-shard")
+            self._pending = {nxt: self._executor.submit(self._read, nxt)}
+        return self._current[1]
+
+
+class ChunkStream(IterableDataset):
+    """Infinite stream of chunk batches, seeded by (seed, rank, dataloader worker, start step).
+
+    Args:
+        ref: handle on the table, replay buffer or shard cycler to sample from.
+        batch_size: chunks per batch.
+        horizon: chunk length H.
+        discount: gamma of the H-step return.
+        seed: base seed.
+        rank: global rank, so each DDP rank draws a different stream.
+        start_step: global step the stream starts at (a resumed run continues with fresh draws and shard order).
+        shard_steps: batches drawn from one shard before moving to the next.
+    """
+
+    def __init__(
+        self,
+        ref: _SourceRef,
+        *,
+        batch_size: int,
+        horizon: int,
+        discount: float,
+        seed: int,
+        rank: int = 0,
+        start_step: int = 0,
+        shard_steps: int = 1000,
+    ) -> None:
+        super().__init__()
+        self.ref = ref
+        self.batch_size, self.horizon, self.discount = batch_size, horizon, discount
+        self.seed, self.rank, self.start_step, self.shard_steps = seed, rank, start_step, shard_steps
+
+    def _source_at(self, step: int) -> ChunkTable | ReplayBuffer:
+        source = self.ref.source
+        if source is None:
+            raise RuntimeError("the DataModule has no data yet: call setup('fit') first")
+        if isinstance(source, ShardCycler):
+            # Ranks start on different shards; every shard_steps batches each moves on to the next one.
+            return source.get(self.rank + step // self.shard_steps)
+        return source
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        info = get_worker_info()
+        worker = 0 if info is None else info.id
+        rng = np.random.default_rng([self.seed, self.rank, worker, self.start_step])
+        step = self.start_step
+        while True:
+            source = self._source_at(step)
+            high = len(source) - self.horizon + 1
+            if high < 1:
+                raise ValueError(f"{len(source)} transitions cannot hold a chunk of horizon {self.horizon}")
+            idx = rng.integers(0, high, size=self.batch_size)
+            yield {k: torch.from_numpy(v) for k, v in source.sample(idx, self.horizon, self.discount).items()}
+            step += 1
+
+
+class OGBenchDataModule(L.LightningDataModule):
+    """OGBench single-task data as an infinite stream of action-chunk batches (data.md sections 2 and 4).
+
+    Batches are dicts of float32 tensors: ``observations`` (B, obs_dim), ``actions`` (B, chunk_dim) flattened
+    row-major, ``rewards`` (B,) discounted H-step return, ``masks`` (B,), ``valid`` (B,), ``next_observations``
+    (B, obs_dim). ``obs_dim``, ``action_dim`` and ``chunk_dim`` are known right after ``__init__``.
+    """
+
+    def __init__(
+        self,
+        env_name: str = "cube-double-play-singletask-task2-v0",
+        dataset_dir: str | None = None,
+        dataset_path: str | None = None,
+        horizon: int = 5,
+        discount: float = 0.995,
+        batch_size: int = 256,
+        sparse: bool = False,
+        compact: bool = False,
+        seed: int = 0,
+        shard_steps: int = 1000,
+        shard_prefetch: bool = True,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        eval_episodes: int = 50,
+        eval_envs: int = 10,
+    ) -> None:
+        """
+        Args:
+            env_name: single-task OGBench env, e.g. ``cube-double-play-singletask-task2-v0``.
+            dataset_dir: directory of ``<dataset>.npz`` files; None reads $TRQAM_DATA_DIR, else ~/.ogbench/data;
+                ``fixture`` uses the tiny datasets shipped inside the package.
+            dataset_path: explicit dataset file, or a directory of ``.npz`` shards (100M releases); wins over
+                dataset_dir.
+            horizon: action chunk length H (1 is ordinary one-step TD).
+            discount: discount gamma of the H-step return.
+            batch_size: chunks per batch.
+            sparse: replace rewards by -1 * (reward != 0) (QAM's setting on scene and puzzle).
+            compact: keep raw rows and an index map instead of next_observations (about half the memory).
+            seed: base seed of the batch stream, combined with the global rank.
+            shard_steps: with a shard directory, batches drawn from one shard before moving to the next.
+            shard_prefetch: load the next shard in a background thread.
+            num_workers: DataLoader worker processes (0: sample in the training process; the replay buffer needs 0).
+            pin_memory: pin batches for faster host-to-GPU copies.
+            eval_episodes: episodes per evaluation (data.md section 6), sharded over ranks.
+            eval_envs: environments stepped in lockstep with one batched policy call during evaluation.
+        """
+        super().__init__()
+        if horizon < 1 or batch_size < 1 or shard_steps < 1:
+            raise ValueError(
+                f"horizon, batch_size, shard_steps must be >= 1, got {horizon}, {batch_size}, {shard_steps}"
+            )
+        if not 0.0 < discount <= 1.0:
+            raise ValueError(f"discount must be in (0, 1], got {discount}")
+        self.save_hyperparameters()
+        self.env_name = env_name
+        self.dataset_name = dataset_name_for(env_name)
+        self.dataset_dir = dataset_dir
+        self.dataset_path = dataset_path
+        self.horizon, self.discount, self.batch_size = horizon, discount, batch_size
+        self.sparse, self.compact, self.seed = sparse, compact, seed
+        self.shard_steps, self.shard_prefetch = shard_steps, shard_prefetch
+        self.num_workers, self.pin_memory = num_workers, pin_memory
+        self.eval_episodes, self.eval_envs = eval_episodes, eval_envs
+        self.obs_dim, self.action_dim = env_spaces(env_name)
+        self.chunk_dim = horizon * self.action_dim
+        self.table: ChunkTable | None = None
+        self.replay_buffer: ReplayBuffer | None = None
+        self._ref = _SourceRef()
+        self._pending_buffer_state: dict[str, Any] | None = None
+        self._evaluator: Any = None
+
+    def dataset_files(self) -> list[Path]:
+        """The file(s) this DataModule reads, checked to exist; shards come sorted.
+
+        Raises:
+            DatasetNotFoundError: naming the exact expected file(s) and how to obtain them.
+        """
+        if self.dataset_path is not None:
+            path = Path(self.dataset_path).expanduser()
+            if path.is_dir():
+                shards = sorted(p for p in path.glob("*.npz") if not p.name.endswith("-val.npz"))
+                if not shards:
+                    raise DatasetNotFoundError(f"shard directory {path} holds no <name>.npz shards (only -val files?)")
+                return shards
+            train, val, flag = path, path.with_name(path.name.replace(".npz", "-val.npz")), str(path.parent)
+        else:
+            train, val = expected_files(self.env_name, self.dataset_dir)
+            flag = None if self.dataset_dir is None else str(resolve_dataset_dir(self.dataset_dir))
+        if not train.is_file():
+            raise DatasetNotFoundError(missing_dataset_message(self.env_name, train, val, flag))
+        return [train]
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load (and relabel) the data for fitting; other stages need no dataset."""
+        if stage not in (None, "fit") or self._ref.source is not None:
+            return
+        files = self.dataset_files()
+        if self.uses_shards:
+            check_dataset_file(files[0], self.env_name)  # fail now, not at the first batch, on a wrong directory
+            self._ref.source = ShardCycler(files, self.env_name, self.compact, self.sparse, self.shard_prefetch)
+        else:
+            self.table = load_table(files[0], self.env_name, compact=self.compact, sparse=self.sparse)
+            self._ref.source = self.table
+
+    @property
+    def uses_shards(self) -> bool:
+        """Whether ``dataset_path`` is a directory of shards."""
+        return self.dataset_path is not None and Path(self.dataset_path).expanduser().is_dir()
+
+    def _rank_and_step(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0, 0
+        return int(trainer.global_rank), int(trainer.global_step)
+
+    def train_dataloader(self) -> DataLoader:
+        """Infinite, seeded, per-rank-distinct stream of ready-made batches (``batch_size=None``)."""
+        rank, step = self._rank_and_step()
+        stream = ChunkStream(
+            self._ref,
+            batch_size=self.batch_size,
+            horizon=self.horizon,
+            discount=self.discount,
+            seed=self.seed,
+            rank=rank,
+            start_step=step,
+            shard_steps=self.shard_steps,
+        )
+        return DataLoader(stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory)
+
+    def val_dataloader(self) -> DataLoader:
+        """One item per rank: an evaluation is a batch of environment rollouts, not a pass over a dataset."""
+        from trqam_lit.evaluation import evaluation_dataloader
+
+        return evaluation_dataloader()
+
+    def make_evaluator(self) -> Any:
+        """Batched rollouts on separate instances of the single-task environment (never the relabelling one).
+
+        Built once and reused, so its environments are created only at the first evaluation.
+        """
+        from trqam_lit.evaluation import OGBenchEvaluator
+
+        if self._evaluator is None:
+            self._evaluator = OGBenchEvaluator(
+                self.env_name,
+                horizon=self.horizon,
+                action_dim=self.action_dim,
+                num_episodes=self.eval_episodes,
+                num_envs=self.eval_envs,
+                seed=self.seed,
+            )
+        return self._evaluator
+
+    def make_replay_buffer(self, capacity_extra: int) -> ReplayBuffer:
+        """Start the online phase: a replay buffer over the offline data that the batch stream samples from now on."""
+        if self.replay_buffer is not None:
+            return self.replay_buffer
+        if self.num_workers > 0:
+            raise ValueError("the replay buffer lives in the training process: use num_workers=0 for the online phase")
+        self.setup("fit")
+        source = self._ref.source
+        if isinstance(source, ShardCycler):
+            raise ValueError("online fine-tuning over a shard directory is not supported; use a single dataset file")
+        self.replay_buffer = ReplayBuffer(source, capacity_extra=capacity_extra, sparse=self.sparse)
+        if self._pending_buffer_state is not None:
+            self.replay_buffer.load_state_dict(self._pending_buffer_state)
+            self._pending_buffer_state = None
+        self.table = None  # the buffer holds its own copy; drop ours
+        self._ref.source = self.replay_buffer
+        return self.replay_buffer
+
+    def state_dict(self) -> dict[str, Any]:
+        """Online transitions of the replay buffer, if the online phase started (offline rows come from the file)."""
+        return {} if self.replay_buffer is None else {"replay_buffer": self.replay_buffer.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the replay buffer's online part now, or when :meth:`make_replay_buffer` creates it."""
+        state = state_dict.get("replay_buffer")
+        if state is None:
+            return
+        if self.replay_buffer is not None:
+            self.replay_buffer.load_state_dict(state)
+        else:
+            self._pending_buffer_state = state

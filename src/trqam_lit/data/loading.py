@@ -1,0 +1,179 @@
+"""Load an OGBench dataset file with ogbench's own loader and relabelling, checking it first.
+
+Pipeline (data.md section 2): existence and format checks -> ``ogbench.load_dataset(..., add_info=True)`` ->
+``ogbench.relabel_utils.relabel_dataset`` -> clip actions to +-(1 - 1e-5) -> optional ``sparse`` rewards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import warnings
+import zipfile
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from trqam_lit.data.chunks import ChunkTable
+from trqam_lit.data.errors import DatasetFormatError, DatasetNotFoundError
+from trqam_lit.data.paths import env_id_for
+
+ACTION_CLIP = 1.0 - 1e-5
+REQUIRED_KEYS = ("observations", "actions", "terminals", "qpos", "qvel")
+
+
+@contextlib.contextmanager
+def quiet_box_warning() -> Iterator[None]:
+    """Silence gymnasium's warning that float64 action bounds are cast to float32 (harmless for [-1, 1])."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*precision lowered by casting.*")
+        yield
+
+
+@functools.lru_cache(maxsize=8)
+def make_env(env_name: str) -> Any:
+    """Single-task environment without data, cached per process (building the MuJoCo model costs ~1 s)."""
+    import ogbench
+
+    with quiet_box_warning():
+        return ogbench.make_env_and_datasets(env_name, env_only=True)
+
+
+@functools.lru_cache(maxsize=64)
+def env_spaces(env_name: str) -> tuple[int, int]:
+    """(obs_dim, action_dim) of a single-task env, read from its gymnasium spaces."""
+    env_id_for(env_name)  # fails early with a readable message on non-single-task names
+    env = make_env(env_name)
+    with quiet_box_warning():  # the manipulation envs build a new Box on every action_space access
+        return int(np.prod(env.observation_space.shape)), int(np.prod(env.action_space.shape))
+
+
+def needs_button_states(env_name: str) -> bool:
+    """Whether ogbench's relabelling of this domain reads ``button_states`` (scene and puzzle)."""
+    return "scene" in env_name or "puzzle" in env_name
+
+
+def inspect_npz(path: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Shapes and dtypes of the arrays in an ``.npz`` from their headers, without decompressing the data."""
+    header_readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    out: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for member in zf.namelist():
+                if not member.endswith(".npy"):
+                    continue
+                with zf.open(member) as f:
+                    version = np.lib.format.read_magic(f)
+                    if version not in header_readers:
+                        raise ValueError(f"unsupported .npy format version {version}")
+                    shape, _, dtype = header_readers[version](f)
+                out[member[: -len(".npy")]] = (tuple(shape), np.dtype(dtype))
+    except (zipfile.BadZipFile, zlib.error, ValueError, OSError, EOFError) as e:
+        raise DatasetFormatError(_damaged(path, e)) from e
+    return out
+
+
+def _damaged(path: str | os.PathLike, err: BaseException) -> str:
+    return (
+        f"{path} is not a readable OGBench .npz ({type(err).__name__}: {err}); it is probably truncated or damaged "
+        f"(an interrupted copy?). Delete it and copy or generate it again."
+    )
+
+
+def check_dataset_file(path: str | os.PathLike, env_name: str) -> int:
+    """Check an OGBench file against the env it is meant for; returns its raw row count.
+
+    Raises:
+        DatasetNotFoundError: the file does not exist.
+        DatasetFormatError: missing keys, inconsistent lengths, wrong observation/action dimension, or damage.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetNotFoundError(f"OGBench dataset file not found: {path}")
+    arrays = inspect_npz(path)
+    required = REQUIRED_KEYS + (("button_states",) if needs_button_states(env_name) else ())
+    missing = [k for k in required if k not in arrays]
+    if missing:
+        raise DatasetFormatError(
+            f"{path} lacks {missing} (has {sorted(arrays)}); OGBench files for {env_name} need {list(required)}. "
+            f"Is it a file from another benchmark, or a goal-conditioned file without qpos?"
+        )
+    n = arrays["observations"][0][0] if arrays["observations"][0] else 0
+    bad = [k for k in required if not arrays[k][0] or arrays[k][0][0] != n]
+    if bad or n < 2:
+        raise DatasetFormatError(f"{path}: arrays {bad or required} do not all have the same >= 2 rows ({n})")
+    obs_dim, action_dim = env_spaces(env_name)
+    got_obs = arrays["observations"][0][1:]
+    got_act = arrays["actions"][0][1:]
+    if got_obs != (obs_dim,) or got_act != (action_dim,):
+        raise DatasetFormatError(
+            f"{path} holds observations {got_obs} and actions {got_act}, but {env_name} has observations "
+            f"({obs_dim},) and actions ({action_dim},): the file belongs to another environment or domain"
+        )
+    return int(n)
+
+
+def read_dataset(path: str | os.PathLike, env_name: str, *, compact: bool = False) -> dict[str, np.ndarray]:
+    """Check a file and read it with ``ogbench.load_dataset(..., add_info=True)``; touches no environment, so
+    it may run in a background thread (the shard prefetcher)."""
+    import ogbench
+
+    check_dataset_file(path, env_name)
+    try:
+        with np.load(path) as f:
+            raw_terminals = f["terminals"]
+        if not raw_terminals[-1]:
+            raise DatasetFormatError(f"{path}: the last row is not a trajectory end (terminals[-1] == 0); truncated?")
+        ds = ogbench.load_dataset(str(path), compact_dataset=compact, add_info=True)
+    except DatasetFormatError:
+        raise
+    except (zipfile.BadZipFile, zlib.error, ValueError, OSError, EOFError, KeyError) as e:
+        raise DatasetFormatError(_damaged(path, e)) from e
+    if not np.isfinite(ds["observations"]).all() or not np.isfinite(ds["actions"]).all():
+        raise DatasetFormatError(f"{path} contains NaN or infinite observations or actions")
+    return ds
+
+
+def process_dataset(
+    ds: dict[str, np.ndarray], env_name: str, *, sparse: bool = False, source: str = "dataset"
+) -> ChunkTable:
+    """Relabel with ogbench's own function, clip actions, apply ``sparse``; keeps the layout of ``ds``.
+    ``source`` names the file in errors."""
+    from ogbench.relabel_utils import relabel_dataset
+
+    try:
+        with quiet_box_warning():  # relabelling resets the env, which samples from a freshly built action space
+            relabel_dataset(env_id_for(env_name), make_env(env_name), ds)
+    except (IndexError, ValueError) as e:
+        raise DatasetFormatError(f"{source}: ogbench could not relabel it for {env_name} ({e})") from e
+
+    actions = np.clip(ds["actions"], -ACTION_CLIP, ACTION_CLIP).astype(np.float32, copy=False)
+    rewards = ds["rewards"].astype(np.float32)
+    if sparse:
+        rewards = -(rewards != 0).astype(np.float32)
+    common = dict(
+        observations=ds["observations"],
+        actions=actions,
+        rewards=rewards,
+        masks=ds["masks"].astype(np.float32),
+        terminals=ds["terminals"].astype(np.float32),
+    )
+    if "valids" in ds:
+        return ChunkTable(**common, rows=np.flatnonzero(ds["valids"] > 0).astype(np.int64))
+    return ChunkTable(**common, next_observations=ds["next_observations"])
+
+
+def load_table(path: str | os.PathLike, env_name: str, *, compact: bool = False, sparse: bool = False) -> ChunkTable:
+    """Load, relabel and post-process one OGBench file into a :class:`ChunkTable`.
+
+    Args:
+        path: the ``.npz`` file (official or generated by ``trqam-lit-data generate``).
+        env_name: single-task env name, e.g. ``cube-double-play-singletask-task2-v0``.
+        compact: keep every raw row plus an index map instead of materialising ``next_observations``.
+        sparse: replace rewards by ``-1 * (reward != 0)``.
+    """
+    return process_dataset(read_dataset(path, env_name, compact=compact), env_name, sparse=sparse, source=str(path))
