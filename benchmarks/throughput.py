@@ -1,0 +1,173 @@
+"""Training throughput (steps/s, peak memory) of BC, TRQAM and QAM, and evaluation environment steps/s.
+
+    python benchmarks/throughput.py                       # every setting, CPU
+    python benchmarks/throughput.py --settings cpu-small-b64 --agents trqam --solvers fused torchsde
+    python benchmarks/throughput.py --device cuda --precision bf16-mixed --settings paper
+    python benchmarks/throughput.py --eval-env cube-single-play-singletask-task1-v0
+
+Each (setting, agent, solver) runs in its own subprocess (so peak RSS is its own) through the real Lightning
+Trainer on synthetic batches of the right shapes; the timer covers `--steps` optimizer steps after
+`--warmup` steps. One JSON line per measurement. Compare figures only as ratios from one run on one machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+SETTINGS = {
+    # name: (batch, obs_dim, action chunk A, horizon, width, critics, K)
+    "paper": (256, 37, 25, 5, 512, 10, 10),
+    "cpu-small-b256": (256, 37, 25, 5, 256, 2, 10),
+    "cpu-small-b64": (64, 37, 25, 5, 256, 2, 10),
+}
+
+
+def measure(setting: str, agent: str, solver: str, steps: int, warmup: int, device: str, precision: str) -> dict:
+    import lightning.pytorch as pl
+    import torch
+    from torch.utils.data import DataLoader, IterableDataset
+
+    from trqam_lit.agents import BC, QAM, TRQAM
+
+    batch, obs, act, horizon, width, critics, K = SETTINGS[setting]
+
+    class Synthetic(IterableDataset):
+        def __iter__(self):
+            gen = torch.Generator().manual_seed(0)
+            pool = [
+                {
+                    "observations": torch.randn(batch, obs, generator=gen),
+                    "actions": torch.rand(batch, act, generator=gen) * 2 - 1,
+                    "rewards": -torch.rand(batch, generator=gen),
+                    "masks": torch.ones(batch),
+                    "valid": torch.ones(batch),
+                    "next_observations": torch.randn(batch, obs, generator=gen),
+                }
+                for _ in range(8)
+            ]
+            i = 0
+            while True:
+                yield pool[i % 8]
+                i += 1
+
+    class Timer(pl.Callback):
+        start = end = None
+
+        def on_train_batch_end(self, trainer, *args) -> None:
+            if trainer.global_step == warmup:
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                self.start = time.perf_counter()
+            elif trainer.global_step == warmup + steps:
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                self.end = time.perf_counter()
+
+    common = dict(obs_dim=obs, action_dim=act, horizon=horizon, actor_hidden_dims=[width] * 4, flow_steps=K)
+    if agent == "bc":
+        model = BC(**common)
+    else:
+        rl = dict(critic_hidden_dims=[width] * 4, num_critics=critics, sde_solver=solver)
+        model = (TRQAM if agent == "trqam" else QAM)(**common, **rl)
+    timer = Timer()
+    trainer = pl.Trainer(
+        accelerator="gpu" if device == "cuda" else "cpu",
+        devices=1,
+        precision=precision,
+        max_steps=warmup + steps,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer],
+    )
+    trainer.fit(model, train_dataloaders=DataLoader(Synthetic(), batch_size=None))
+    out = {
+        "setting": setting,
+        "agent": agent,
+        "solver": solver if agent != "bc" else None,
+        "device": device,
+        "precision": precision,
+        "threads": torch.get_num_threads(),
+        "steps_per_sec": round(steps / (timer.end - timer.start), 3),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+    if device == "cuda":
+        out["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        out["gpu"] = torch.cuda.get_device_name()
+    return out
+
+
+def measure_eval(env_name: str, num_envs: int, episodes: int) -> dict:
+    """Environment steps/s of the batched evaluator vs a one-environment loop, with a CPU-sized policy."""
+    import torch
+
+    from trqam_lit.data import OGBenchDataModule
+    from trqam_lit.evaluation import OGBenchEvaluator
+    from trqam_lit.flow import sample_actions
+    from trqam_lit.nets import VelocityField
+
+    dm = OGBenchDataModule(env_name=env_name, dataset_dir="fixture", horizon=5)
+    net = VelocityField(dm.obs_dim, dm.chunk_dim, (256,) * 4)
+
+    @torch.no_grad()
+    def act(obs):
+        return sample_actions(net, obs, torch.randn(obs.shape[0], dm.chunk_dim), 10)
+
+    result = {"env": env_name, "episodes": episodes}
+    for n in (num_envs, 1):
+        ev = OGBenchEvaluator(env_name, 5, dm.action_dim, num_episodes=episodes, num_envs=n)
+        ev.envs(n)  # environment construction is not stepping time
+        t0 = time.perf_counter()
+        out = ev.evaluate(act)
+        dt = time.perf_counter() - t0
+        result[f"env_steps_per_sec_{n}env"] = round(float(out["length"].sum()) / dt, 1)
+    result["batched_over_single"] = round(
+        result[f"env_steps_per_sec_{num_envs}env"] / result["env_steps_per_sec_1env"], 2
+    )
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--settings", nargs="*", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--agents", nargs="*", default=["bc", "trqam", "qam"], choices=["bc", "trqam", "qam"])
+    parser.add_argument("--solvers", nargs="*", default=["fused", "torchsde"], choices=["fused", "torchsde"])
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--precision", default="32-true")
+    parser.add_argument("--eval-env", default=None, help="also measure evaluation env steps/s on this env")
+    parser.add_argument("--eval-envs", type=int, default=10)
+    parser.add_argument("--eval-episodes", type=int, default=10)
+    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one measurement
+    args = parser.parse_args()
+    if args.one:
+        setting, agent, solver = args.one.split(",")
+        print(json.dumps(measure(setting, agent, solver, args.steps, args.warmup, args.device, args.precision)))
+        return
+    for setting in args.settings:
+        for agent in args.agents:
+            for solver in args.solvers if agent != "bc" else ["fused"]:
+                one = f"{setting},{agent},{solver}"
+                cmd = [sys.executable, __file__, "--one", one, "--steps", str(args.steps), "--warmup", str(args.warmup)]
+                cmd += ["--device", args.device, "--precision", args.precision]
+                proc = subprocess.run(
+                    cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"}
+                )
+                lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+                error = {"setting": setting, "agent": agent, "error": proc.stderr[-500:]}
+                print(lines[-1] if lines else json.dumps(error), flush=True)
+    if args.eval_env:
+        print(json.dumps(measure_eval(args.eval_env, args.eval_envs, args.eval_episodes)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
