@@ -115,3 +115,26 @@ def test_killed_run_resumes_lambda_kl_average_and_step_exactly(tmp_path):
     final = torch.load(next((tmp_path / "b" / "runs").glob("*/version_*/checkpoints/last.ckpt")),
                        map_location="cpu", weights_only=False)  # fmt: skip
     assert final["global_step"] == step + 3
+
+
+def test_resume_from_a_checkpoint_taken_at_the_end_of_the_bc_warmup(tmp_path):
+    """A checkpoint saved at step == bc_warmup_steps (before v_ft is set from v_bc) must still resume right."""
+    first = run_cli(["fit", "--config", TOY, *fast_trainer_args(tmp_path / "a", 10, 100), *SMALL,
+                     "--checkpoint.every_n_train_steps=10"], cwd=tmp_path)  # fmt: skip
+    assert first.returncode == 0, first.stderr[-3000:]
+    ckpt = next((tmp_path / "a" / "runs").glob("*/version_*/checkpoints/last.ckpt"))
+    saved = torch.load(ckpt, map_location="cpu", weights_only=False)
+    assert saved["global_step"] == 10 and not saved["state_dict"]["policy_from_bc"]
+    dump = tmp_path / "states"
+    env = {"PYTHONPATH": str(CONFIGS.parent / "tests")}
+    resumed = run_cli(["fit", "--config", TOY, *fast_trainer_args(tmp_path / "b", 11, 100), *SMALL,
+                       "--ckpt_path", str(ckpt), "--trainer.callbacks+=helpers.StateDump",
+                       f"--trainer.callbacks.dirpath={dump}"], cwd=tmp_path, env=env)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    state = torch.load(dump / "rank0.pt", weights_only=False)
+    assert state["policy_from_bc"]
+    # v_ft started from the checkpoint's v_bc and took one step; the untouched random init would be far away
+    for key in saved["state_dict"]:
+        if key.startswith("v_bc."):
+            ft = state["v_ft." + key[len("v_bc.") :]]
+            assert (ft - saved["state_dict"][key]).abs().max() < 0.01, key

@@ -90,6 +90,10 @@ class FlowAgent(pl.LightningModule):
             self.target_critic = self._frozen_copy(self.critic)
         self.analytic_q = None
         self.grad_norm = torch.zeros(())
+        # Whether v_ft/v_base were set from v_bc; a buffer so a checkpoint taken exactly at the end of the BC
+        # warm-up (before the copy) resumes correctly.
+        self._policy_checked = False
+        self.register_buffer("policy_from_bc", torch.tensor(not (self.uses_critic and bc_warmup_steps > 0)))
         self.eval_metrics = nn.ModuleDict({name: MeanMetric() for name in EVAL_METRICS})
         if init_from:
             self.load_bc_weights(init_from)
@@ -121,6 +125,7 @@ class FlowAgent(pl.LightningModule):
         if self.uses_critic:
             self.v_base.load_state_dict(self.v_bc.state_dict())
             self.v_ft.load_state_dict(self.v_bc.state_dict())
+        self.policy_from_bc.fill_(True)
 
     def setup(self, stage: str) -> None:
         if self.hparams.analytic_critic:
@@ -185,10 +190,14 @@ class FlowAgent(pl.LightningModule):
             polyak_update(self.target_critic, self.critic, self.hparams.tau)
             polyak_update(self.v_base, self.v_bc, self.hparams.tau)
 
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if not self._policy_checked and not self.in_bc_warmup:  # one host read per run, not per step
+            if not bool(self.policy_from_bc):
+                self.copy_bc_into_policy()  # the BC warm-up just ended: fine-tuning starts from v_bc
+            self._policy_checked = True
+
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.log("train/grad_norm", self.grad_norm, on_step=True, prog_bar=False)
-        if self.uses_critic and self.hparams.bc_warmup_steps and self.global_step == self.hparams.bc_warmup_steps:
-            self.copy_bc_into_policy()  # the BC warm-up just ended: fine-tuning starts from v_bc
 
     # ---- acting and evaluation --------------------------------------------------------------------------------
     @property
