@@ -138,3 +138,43 @@ def test_resume_from_a_checkpoint_taken_at_the_end_of_the_bc_warmup(tmp_path):
         if key.startswith("v_bc."):
             ft = state["v_ft." + key[len("v_bc.") :]]
             assert (ft - saved["state_dict"][key]).abs().max() < 0.01, key
+
+
+def test_checkpoint_holds_the_lambda_of_its_own_step_and_evaluates_v_ft(tmp_path):
+    """The dual step runs before checkpoint callbacks: a checkpoint at step S has lambda after S dual steps."""
+    args = [*SMALL, "--model.init_args.bc_warmup_steps=4", "--checkpoint.every_n_train_steps=6"]
+    proc = run_cli(["fit", "--config", TOY, *fast_trainer_args(tmp_path, 12, 100), *args], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    scalars = read_scalars(run_dir(tmp_path))
+    lam_logged = dict(scalars["dual/lambda"])
+    ema_logged = dict(scalars["dual/kl_ema"])
+    for ckpt in run_dir(tmp_path).glob("checkpoints/*step=*.ckpt"):
+        saved = torch.load(ckpt, map_location="cpu", weights_only=False)
+        step = saved["global_step"]
+        assert saved["state_dict"]["dual.lam"].item() == pytest.approx(lam_logged[step - 1], rel=1e-6)
+        assert saved["state_dict"]["dual.kl_ema"].item() == pytest.approx(ema_logged[step - 1], rel=1e-6)
+    from trqam_lit.agents import TRQAM
+
+    model = TRQAM.load_from_checkpoint(run_dir(tmp_path) / "checkpoints" / "last.ckpt", map_location="cpu")
+    assert model.policy_net is model.v_ft  # `validate` and `test` evaluate the fine-tuned policy
+
+
+def test_init_from_a_bc_checkpoint_starts_fine_tuning_from_v_bc(tmp_path):
+    bc = run_cli(["fit", "--config", TOY, *fast_trainer_args(tmp_path / "bc", 20, 100), *SMALL,
+                  "--model=trqam_lit.agents.BC"], cwd=tmp_path)  # fmt: skip
+    assert bc.returncode == 0, bc.stderr[-3000:]
+    bc_ckpt = next((tmp_path / "bc" / "runs").glob("*/version_*/checkpoints/last.ckpt"))
+    bc_state = torch.load(bc_ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    dump = tmp_path / "states"
+    ft = run_cli(["fit", "--config", TOY, *fast_trainer_args(tmp_path / "ft", 1, 100), *SMALL,
+                  "--model.init_args.bc_warmup_steps=0", f"--model.init_args.init_from={bc_ckpt}",
+                  "--trainer.callbacks+=helpers.StateDump", f"--trainer.callbacks.dirpath={dump}"],
+                 cwd=tmp_path, env={"PYTHONPATH": str(CONFIGS.parent / "tests")})  # fmt: skip
+    assert ft.returncode == 0, ft.stderr[-3000:]
+    state = torch.load(dump / "rank0.pt", weights_only=False)
+    for key, value in bc_state.items():
+        if not key.startswith("v_bc."):
+            continue
+        name = key[len("v_bc.") :]
+        for net in ("v_ft", "v_base"):  # one Adam step (lr 1e-3) or one polyak step away from the BC weights
+            assert (state[f"{net}.{name}"] - value).abs().max() < 2e-3, (net, name)

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .flow import ACTION_CLIP, VelocityFn
-from .sde import FlowSDE, Solver, flow_time_grid, memoryless_drift, memoryless_g, path_kl_terms, rollout
+from .sde import FlowSDE, Solver, flow_time_grid, memoryless_drift, memoryless_g, path_kl_estimate, rollout
 
 QFn = Callable[[Tensor, Tensor], Tensor]  # (s, a) -> Q values, (E, B) for an ensemble or (B,)
 
@@ -40,8 +40,8 @@ def lean_adjoint(v_base: VelocityFn, s: Tensor, xs: Tensor, adj_final: Tensor) -
     """Backward recursion adj_i = adj_{i+1} + h J_i^T adj_{i+1}, i = K-1..0; returns adj_0..adj_{K-1}, (K, B, A).
 
     J_i = d/dx [2 v_base(s, x, t_i + h) - x / (t_i + h)] at x = x_i (state x_i, time one step later), one
-    vector-Jacobian product per step. ``xs`` holds at least the states x_0..x_{K-1}; K = len(adjoints)
-    is taken from ``xs.shape[0] - 1`` (the rollout's K+1 states).
+    vector-Jacobian product per step. ``xs`` is the rollout's K+1 states x_0..x_K (K is read from its length;
+    x_K itself is not used).
     """
     K = xs.shape[0] - 1
     h = 1.0 / K
@@ -125,5 +125,5 @@ def adjoint_matching_objective(
     sigmas = am_sigmas(g, lam_eff)
     loss = adjoint_matching_loss(vf, vb, adjs, sigmas)
     with torch.no_grad():
-        path_kl = path_kl_terms(vf.detach(), vb, g, h).sum(dim=0).mean() / horizon
+        path_kl = path_kl_estimate(vf.detach(), vb, g, h, horizon)
     return AMOutput(loss, path_kl, xs, adj_final, adjs, vf.detach(), vb, sigmas)

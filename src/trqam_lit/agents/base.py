@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from ..critic import critic_loss, ensemble_pessimistic_value, td_target
-from ..flow import bc_flow_loss, sample_actions
+from ..flow import bc_flow_loss, draw_bc_noise, sample_actions
 from ..nets import CriticEnsemble, VelocityField
 from ..targets import polyak_update
 
@@ -70,7 +70,8 @@ class FlowAgent(pl.LightningModule):
             tau: polyak rate of the critic and v_base targets.
             grad_clip_norm: one global gradient-norm clip over all trained parameters.
             analytic_critic: use the DataModule's analytic reward as a fixed critic (toy domains only).
-            init_from: checkpoint whose v_bc initialises v_bc, v_base and v_ft (e.g. a BC run's).
+            init_from: checkpoint whose v_bc initialises v_bc, v_base and v_ft (e.g. a BC run's); applied when a
+                fit starts from scratch, ignored when resuming with --ckpt_path (the checkpoint has every weight).
             bc_warmup_steps: train v_bc alone for this many steps, then copy it into v_base and v_ft.
         """
         super().__init__()
@@ -95,8 +96,7 @@ class FlowAgent(pl.LightningModule):
         self._policy_checked = False
         self.register_buffer("policy_from_bc", torch.tensor(not (self.uses_critic and bc_warmup_steps > 0)))
         self.eval_metrics = nn.ModuleDict({name: MeanMetric() for name in EVAL_METRICS})
-        if init_from:
-            self.load_bc_weights(init_from)
+        self._last_kl: Tensor | None = None
 
     @staticmethod
     def _frozen_copy(net: nn.Module) -> nn.Module:
@@ -128,6 +128,8 @@ class FlowAgent(pl.LightningModule):
         self.policy_from_bc.fill_(True)
 
     def setup(self, stage: str) -> None:
+        if stage == "fit" and self.hparams.init_from and self.trainer.ckpt_path is None:
+            self.load_bc_weights(self.hparams.init_from)
         if self.hparams.analytic_critic:
             dm = self.trainer.datamodule if self._trainer is not None else None
             if dm is None or not hasattr(dm, "analytic_q"):
@@ -151,8 +153,7 @@ class FlowAgent(pl.LightningModule):
 
     def bc_loss(self, batch: dict[str, Tensor]) -> Tensor:
         s, a = batch["observations"], batch["actions"]
-        x0 = torch.randn_like(a, dtype=torch.float32)
-        t = torch.rand(a.shape[0], 1, device=a.device)
+        x0, t = draw_bc_noise(a.shape[0], a.shape[1], a)
         return bc_flow_loss(self.v_bc, s, a, x0, t, batch["valid"])
 
     def critic_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
@@ -181,8 +182,25 @@ class FlowAgent(pl.LightningModule):
     # ---- optimizer-step hooks -------------------------------------------------------------------------------
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         # One global clip over every trained parameter; grads are already unscaled (AMP) and all-reduced (DDP).
+        if gradient_clip_val is not None:
+            raise ValueError(
+                "trainer.gradient_clip_val is not used by trqam-lit agents: set model.init_args.grad_clip_norm "
+                "(one global norm clip over all trained parameters, 1.0 by default)"
+            )
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         self.grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm=self.hparams.grad_clip_norm)
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Runs right after the optimizer step and before any callback's on_train_batch_end, so a checkpoint
+        # saved at this step already holds the matching lambda and KL average.
+        if self._last_kl is not None:
+            self.after_optimizer_step(self.trainer.strategy.reduce(self._last_kl, reduce_op="mean"))
+            self._last_kl = None
+
+    def after_optimizer_step(self, kl: Tensor) -> None:
+        """Hook for per-step state updates from the rank-averaged path-KL estimate (TRQAM: the dual step)."""
+        self.log("dual/kl", kl)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # Targets mix the PRE-step online weights (the reference's one-step lag), so update them here.
@@ -194,6 +212,8 @@ class FlowAgent(pl.LightningModule):
         if not self._policy_checked and not self.in_bc_warmup:  # one host read per run, not per step
             if not bool(self.policy_from_bc):
                 self.copy_bc_into_policy()  # the BC warm-up just ended: fine-tuning starts from v_bc
+                for optimizer in self.trainer.optimizers:
+                    optimizer.state.clear()  # a fresh Adam, as when fine-tuning starts from a BC checkpoint
             self._policy_checked = True
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -202,8 +222,8 @@ class FlowAgent(pl.LightningModule):
     # ---- acting and evaluation --------------------------------------------------------------------------------
     @property
     def policy_net(self) -> nn.Module:
-        # During the BC warm-up the policy being built is v_bc; evaluating the untrained v_ft would be noise.
-        return self.v_ft if self.uses_critic and not self.in_bc_warmup else self.v_bc
+        # Until v_ft has been set from v_bc (during the BC warm-up) the policy being built is v_bc.
+        return self.v_ft if self.uses_critic and bool(self.policy_from_bc) else self.v_bc
 
     @torch.no_grad()
     def act(self, obs: Tensor, noise: Tensor | None = None) -> Tensor:
@@ -218,6 +238,12 @@ class FlowAgent(pl.LightningModule):
         if dm is None or not hasattr(dm, "make_evaluator"):
             raise ValueError("evaluation needs a DataModule with make_evaluator() (OGBenchDataModule, ToyBandit...)")
         self._evaluator = dm.make_evaluator()
+
+    def on_test_epoch_start(self) -> None:
+        self.on_validation_epoch_start()
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)  # `trqam-lit test` runs the same evaluation
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         world, rank = self.trainer.world_size, self.trainer.global_rank

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -87,29 +86,25 @@ class TRQAM(FlowAgent):
     def adj_scale(self) -> float:
         return 1.0
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         bc = self.bc_loss(batch)
         self.log("train/bc_loss", bc, on_step=True, prog_bar=True)
         if self.in_bc_warmup:
-            return {"loss": self.touch_unused(bc, self.v_ft, self.critic)}
+            return self.touch_unused(bc, self.v_ft, self.critic)
         q_loss, q_mean = self.critic_loss(batch)
         am = self.actor_objective(batch["observations"], batch["actions"].shape[0])
         self.log_dict({"train/critic_loss": q_loss, "train/am_loss": am.loss.detach(), "train/q_mean": q_mean})
-        self.log("dual/kl", am.path_kl)
+        self._last_kl = am.path_kl  # the dual step runs after the optimizer step (FlowAgent.optimizer_step)
         loss = q_loss + bc + am.loss
         if self.analytic_q is not None:
             loss = self.touch_unused(loss, self.critic)
-        return {"loss": loss, "kl": am.path_kl}
+        return loss
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        super().on_train_batch_end(outputs, batch, batch_idx)
-        if self.has_dual and isinstance(outputs, dict) and "kl" in outputs:
-            self.dual_step(outputs["kl"])
-
-    def dual_step(self, kl_hat: Tensor) -> None:
-        # The KL is averaged over ranks first, so lambda stays identical on every rank.
-        kl = self.trainer.strategy.reduce(kl_hat.detach(), reduce_op="mean")
-        if self.hparams.dual_update:
-            self.dual.step(kl)
-        self.log("dual/kl_ema", self.dual.kl_ema, prog_bar=True)
-        self.log("dual/lambda", self.dual.lam, prog_bar=True)
+    def after_optimizer_step(self, kl: Tensor) -> None:
+        # ``kl`` is already averaged over ranks, so lambda stays identical on every rank.
+        super().after_optimizer_step(kl)
+        if self.has_dual:
+            if self.hparams.dual_update:
+                self.dual.step(kl)
+            self.log("dual/kl_ema", self.dual.kl_ema, prog_bar=True)
+            self.log("dual/lambda", self.dual.lam, prog_bar=True)
