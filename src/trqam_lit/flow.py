@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch
 from torch import Tensor
 
 VelocityFn = Callable[[Tensor, Tensor, Tensor | float], Tensor]
@@ -34,10 +33,3 @@ def bc_flow_loss(v_bc: VelocityFn, s: Tensor, a: Tensor, x0: Tensor, t: Tensor, 
     x_t = (1.0 - t) * x0 + t * a
     err = (v_bc(s, x_t, t).float() - (a - x0).float()).pow(2).mean(dim=-1)
     return (valid.float() * err).mean()
-
-
-def draw_bc_noise(batch_size: int, action_dim: int, like: Tensor, generator: torch.Generator | None = None):
-    """The BC loss's random draws: x0 ~ N(0, I) of shape (B, A) and t ~ U[0, 1) of shape (B, 1)."""
-    x0 = torch.randn(batch_size, action_dim, device=like.device, dtype=torch.float32, generator=generator)
-    t = torch.rand(batch_size, 1, device=like.device, dtype=torch.float32, generator=generator)
-    return x0, t

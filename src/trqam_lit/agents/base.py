@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from ..critic import critic_loss, ensemble_pessimistic_value, td_target
-from ..flow import bc_flow_loss, draw_bc_noise, sample_actions
+from ..flow import bc_flow_loss, sample_actions
 from ..nets import CriticEnsemble, VelocityField
 from ..targets import polyak_update
 
@@ -151,9 +151,18 @@ class FlowAgent(pl.LightningModule):
             return self.analytic_q
         return self.target_critic if target else self.critic
 
+    def draw(self, name: str, *shape: int, uniform: bool = False) -> Tensor:
+        """Every random draw of a training step goes through here (tests feed recorded draws by name).
+
+        Names: ``bc/x0``, ``bc/t`` (uniform), ``critic/next_noise``, ``am/x0``, ``am/eps``.
+        """
+        fn = torch.rand if uniform else torch.randn
+        return fn(*shape, device=self.device, dtype=torch.float32)
+
     def bc_loss(self, batch: dict[str, Tensor]) -> Tensor:
         s, a = batch["observations"], batch["actions"]
-        x0, t = draw_bc_noise(a.shape[0], a.shape[1], a)
+        x0 = self.draw("bc/x0", *a.shape)
+        t = self.draw("bc/t", a.shape[0], 1, uniform=True)
         return bc_flow_loss(self.v_bc, s, a, x0, t, batch["valid"])
 
     def critic_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
@@ -164,7 +173,7 @@ class FlowAgent(pl.LightningModule):
                 return torch.zeros((), device=a.device), self.analytic_q(s, a).float().mean()
         with torch.no_grad():
             s_next = batch["next_observations"]
-            a_next = sample_actions(self.v_ft, s_next, torch.randn_like(a, dtype=torch.float32), self.flow_steps)
+            a_next = sample_actions(self.v_ft, s_next, self.draw("critic/next_noise", *a.shape), self.flow_steps)
             next_q = ensemble_pessimistic_value(self.target_critic(s_next, a_next), self.hparams.rho_q)
             y = td_target(batch["rewards"], batch["masks"], next_q, self.hparams.discount, self.hparams.horizon)
         q = self.critic(s, a)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import Tensor
 
 from ..adjoint import AMOutput, adjoint_matching_objective
@@ -71,8 +70,8 @@ class TRQAM(FlowAgent):
         self.dual = DualDescent(eps_kl, eta, kl_ema_rho, kl_clip, lam_init, lam_min, lam_max, lam_scale, dual_form)
 
     def actor_objective(self, s: Tensor, batch_size: int) -> AMOutput:
-        x0 = torch.randn(batch_size, self.hparams.action_dim, device=s.device)
-        eps = torch.randn(self.flow_steps - 1, batch_size, self.hparams.action_dim, device=s.device)
+        x0 = self.draw("am/x0", batch_size, self.hparams.action_dim)
+        eps = self.draw("am/eps", self.flow_steps - 1, batch_size, self.hparams.action_dim)
         return adjoint_matching_objective(
             self.v_ft, self.v_base, self.q_fn(target=True), s, x0, eps, self.flow_steps, self.hparams.horizon,
             lam_eff=self.lam_eff, adj_scale=self.adj_scale, solver=self.hparams.sde_solver,
