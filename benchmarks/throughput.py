@@ -105,8 +105,8 @@ def measure(setting: str, agent: str, solver: str, steps: int, warmup: int, devi
     return out
 
 
-def measure_eval(env_name: str, num_envs: int, episodes: int) -> dict:
-    """Environment steps/s of the batched evaluator vs a one-environment loop, with a CPU-sized policy."""
+def measure_eval(env_name: str, num_envs: int, episodes: int, horizon: int, width: int) -> dict:
+    """Environment steps/s of the batched evaluator vs a one-environment loop (same policy, same episodes)."""
     import torch
 
     from trqam_lit.data import OGBenchDataModule
@@ -114,16 +114,16 @@ def measure_eval(env_name: str, num_envs: int, episodes: int) -> dict:
     from trqam_lit.flow import sample_actions
     from trqam_lit.nets import VelocityField
 
-    dm = OGBenchDataModule(env_name=env_name, dataset_dir="fixture", horizon=5)
-    net = VelocityField(dm.obs_dim, dm.chunk_dim, (256,) * 4)
+    dm = OGBenchDataModule(env_name=env_name, dataset_dir="fixture", horizon=horizon)
+    net = VelocityField(dm.obs_dim, dm.chunk_dim, (width,) * 4)
 
     @torch.no_grad()
     def act(obs):
         return sample_actions(net, obs, torch.randn(obs.shape[0], dm.chunk_dim), 10)
 
-    result = {"env": env_name, "episodes": episodes}
+    result = {"env": env_name, "episodes": episodes, "horizon": horizon, "policy_width": width}
     for n in (num_envs, 1):
-        ev = OGBenchEvaluator(env_name, 5, dm.action_dim, num_episodes=episodes, num_envs=n)
+        ev = OGBenchEvaluator(env_name, horizon, dm.action_dim, num_episodes=episodes, num_envs=n)
         ev.envs(n)  # environment construction is not stepping time
         t0 = time.perf_counter()
         out = ev.evaluate(act)
@@ -147,6 +147,8 @@ def main() -> None:
     parser.add_argument("--eval-env", default=None, help="also measure evaluation env steps/s on this env")
     parser.add_argument("--eval-envs", type=int, default=10)
     parser.add_argument("--eval-episodes", type=int, default=10)
+    parser.add_argument("--eval-horizons", type=int, nargs="*", default=[1, 5], help="action-chunk lengths H")
+    parser.add_argument("--eval-width", type=int, default=512, help="policy width (paper: 512)")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one measurement
     args = parser.parse_args()
     if args.one:
@@ -166,7 +168,9 @@ def main() -> None:
                 error = {"setting": setting, "agent": agent, "error": proc.stderr[-500:]}
                 print(lines[-1] if lines else json.dumps(error), flush=True)
     if args.eval_env:
-        print(json.dumps(measure_eval(args.eval_env, args.eval_envs, args.eval_episodes)), flush=True)
+        for horizon in args.eval_horizons:
+            result = measure_eval(args.eval_env, args.eval_envs, args.eval_episodes, horizon, args.eval_width)
+            print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":

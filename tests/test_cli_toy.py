@@ -178,3 +178,18 @@ def test_init_from_a_bc_checkpoint_starts_fine_tuning_from_v_bc(tmp_path):
         name = key[len("v_bc.") :]
         for net in ("v_ft", "v_base"):  # one Adam step (lr 1e-3) or one polyak step away from the BC weights
             assert (state[f"{net}.{name}"] - value).abs().max() < 2e-3, (net, name)
+
+
+def test_omegaconf_interpolation_in_configs(tmp_path, monkeypatch):
+    from trqam_lit.cli import build_cli
+
+    cfg = tmp_path / "interp.yaml"
+    cfg.write_text(
+        "model:\n  class_path: trqam_lit.agents.TRQAM\n  init_args:\n    actor_hidden_dims: [48, 48]\n"
+        "    critic_hidden_dims: ${model.init_args.actor_hidden_dims}\n"
+        "data:\n  class_path: trqam_lit.toy.ToyBanditDataModule\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    cli = build_cli(["--config", str(cfg)], run=False)
+    assert list(cli.model.hparams.critic_hidden_dims) == [48, 48]
+    assert cli.model.critic.hidden[0].weight.shape[-1] == 48
