@@ -56,3 +56,36 @@ class StateDump(pl.Callback):
         self.dirpath.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
         torch.save(state, self.dirpath / f"rank{trainer.global_rank}.pt")
+
+
+class OnlineDump(pl.Callback):
+    """Online-phase test probe: each rank saves its replay buffer, environment step count, lambda and KL average at
+    the first training batch (after any resume) and at the end, to ``dirpath/{start,end}-rank{r}.pt``."""
+
+    def __init__(self, dirpath: str) -> None:
+        self.dirpath = Path(dirpath)
+        self._started = False
+
+    def _dump(self, trainer, pl_module, tag: str) -> None:
+        from trqam_lit.online import OnlinePhase
+
+        (online,) = [c for c in trainer.callbacks if isinstance(c, OnlinePhase)]
+        buf = online.buffer
+        state = {"global_step": trainer.global_step, "env_steps": online.env_steps, "episodes": online.episodes}
+        if buf is not None:
+            t, n = buf._table, len(buf)
+            keys = ("observations", "actions", "rewards", "masks", "terminals", "next_observations")
+            state["buffer"] = {k: torch.from_numpy(getattr(t, k)[:n].copy()) for k in keys}
+            state["offline_size"] = buf.offline_size
+        if hasattr(pl_module, "dual"):
+            state["lam"], state["kl_ema"] = pl_module.dual.lam.clone(), pl_module.dual.kl_ema.clone()
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        torch.save(state, self.dirpath / f"{tag}-rank{trainer.global_rank}.pt")
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if not self._started:
+            self._started = True
+            self._dump(trainer, pl_module, "start")
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._dump(trainer, pl_module, "end")

@@ -193,3 +193,12 @@ def test_omegaconf_interpolation_in_configs(tmp_path, monkeypatch):
     cli = build_cli(["--config", str(cfg)], run=False)
     assert list(cli.model.hparams.critic_hidden_dims) == [48, 48]
     assert cli.model.critic.hidden[0].weight.shape[-1] == 48
+
+
+def test_test_subcommand_runs_the_evaluation(toy_run):
+    root, _ = toy_run
+    ckpt = next((root / "runs").glob("*/version_*/checkpoints/last.ckpt"))
+    proc = run_cli(["test", "--config", TOY, "--ckpt_path", str(ckpt), *SMALL,
+                    f"--trainer.logger.init_args.save_dir={root / 'test'}"], cwd=root)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "eval/return" in proc.stdout

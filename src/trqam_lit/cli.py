@@ -10,6 +10,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from .agents import FlowAgent
 from .callbacks import FinalEvaluation, StepsPerSecond
+from .online import OnlinePhase, check_checkpoint_file
 
 
 class TRQAMCLI(LightningCLI):
@@ -26,6 +27,14 @@ class TRQAMCLI(LightningCLI):
         # Checkpointing is always on (last.ckpt for resume); its interval is a first-class option.
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 1000})
+        # Offline-to-online fine-tuning (trqam_lit.online); online.online_steps=0 (the default) trains offline only.
+        parser.add_lightning_class_args(OnlinePhase, "online")
+
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        super().parse_arguments(parser, args)
+        # LightningCLI reads --ckpt_path right after parsing: fail on a damaged file with a clear message first.
+        if self.config.get("subcommand"):
+            check_checkpoint_file(self.config[self.config.subcommand].get("ckpt_path"))
 
     def before_fit(self) -> None:
         logger = self.trainer.logger

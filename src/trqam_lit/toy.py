@@ -1,5 +1,8 @@
 """A one-step bandit with an analytic reward: the built-in domain for checks and demos.
 
+It also supports the online phase (``trqam_lit.online``): the environment is the bandit itself (every step one
+episode), and the replay buffer starts from the offline samples.
+
 Offline actions come from a Gaussian or Gaussian-mixture behaviour policy (one constant observation, H = 1,
 every step a whole episode). The reward is linear, Q(a) = c . a, or quadratic, Q(a) = -k/2 |a - target|^2;
 with ``analytic_critic=True`` on the model the reward itself is the (fixed) critic, so the tilted policy
@@ -9,13 +12,25 @@ has a closed form: for the linear reward and a Gaussian behaviour N(mu, s^2), th
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
+from .data.chunks import ChunkTable
+from .data.replay import (
+    DEFERRED_KEY,
+    ReplayBuffer,
+    deferred_batch,
+    deferred_rng,
+    draw_batch,
+    is_deferred,
+    rank_states,
+    state_for_rank,
+)
 from .evaluation import evaluation_dataloader
 
 ACTION_LIMIT = 1.0 - 1e-5
@@ -41,13 +56,38 @@ class AnalyticReward(torch.nn.Module):
 
 
 class _InfiniteBatches(IterableDataset):
-    def __init__(self, sample: Callable[[torch.Generator], dict[str, Tensor]], seed: int) -> None:
-        self.sample, self.seed = sample, seed
+    """Offline batches; from global step ``defer_from()`` on, placeholders drawn from the replay buffer later."""
+
+    def __init__(
+        self,
+        sample: Callable[[torch.Generator], dict[str, Tensor]],
+        seed: int,
+        start_step: int = 0,
+        defer_from: Callable[[], int | None] = lambda: None,
+    ) -> None:
+        self.sample, self.seed, self.start_step, self.defer_from = sample, seed, start_step, defer_from
 
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
         gen = torch.Generator().manual_seed(self.seed)
+        step = self.start_step
         while True:
-            yield self.sample(gen)
+            defer = self.defer_from()
+            yield deferred_batch(step) if defer is not None and step >= defer else self.sample(gen)
+            step += 1
+
+
+class BanditEnv:
+    """The bandit as an environment for the online phase: every step is a whole episode with reward r(a)."""
+
+    def __init__(self, reward: AnalyticReward, obs_dim: int) -> None:
+        self.reward, self.obs_dim = reward, obs_dim
+
+    def reset(self, seed: int | None = None) -> tuple[np.ndarray, dict]:
+        return np.zeros(self.obs_dim, dtype=np.float32), {}
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict]:
+        r = float(self.reward.reward(torch.as_tensor(action, dtype=torch.float32)[None])[0])
+        return np.zeros(self.obs_dim, dtype=np.float32), r, True, False, {}
 
 
 class ToyEvaluator:
@@ -110,6 +150,9 @@ class ToyBanditDataModule(pl.LightningDataModule):
         self.reward_fn = AnalyticReward(reward, c, k, target)
         self.actions = self._behaviour_actions()
         self.rewards = self.reward_fn.reward(self.actions)
+        self.replay_buffer: ReplayBuffer | None = None
+        self._pending_buffer_state: dict[str, Any] | None = None
+        self._defer_from: int | None = None
 
     def _behaviour_actions(self) -> Tensor:
         hp = self.hparams
@@ -147,6 +190,62 @@ class ToyBanditDataModule(pl.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         return evaluation_dataloader()
 
+    def test_dataloader(self) -> DataLoader:
+        return evaluation_dataloader()
+
     def train_dataloader(self) -> DataLoader:
         rank = self.trainer.global_rank if self.trainer is not None else 0
-        return DataLoader(_InfiniteBatches(self.sample, self.hparams.seed + 1 + 7919 * rank), batch_size=None)
+        step = self.trainer.global_step if self.trainer is not None else 0
+        stream = _InfiniteBatches(self.sample, self.hparams.seed + 1 + 7919 * rank, step, lambda: self._defer_from)
+        return DataLoader(stream, batch_size=None)
+
+    # ---- online phase (trqam_lit.online.OnlinePhase): each environment step is one episode -----------------------
+    def offline_table(self) -> ChunkTable:
+        """The offline data as transitions: constant observation, every step terminal, masks 0 (no bootstrap)."""
+        n = self.actions.shape[0]
+        obs = np.zeros((n, self.obs_dim), dtype=np.float32)
+        return ChunkTable(
+            observations=obs,
+            actions=self.actions.numpy().astype(np.float32),
+            rewards=self.rewards.numpy().astype(np.float32),
+            masks=np.zeros(n, dtype=np.float32),
+            terminals=np.ones(n, dtype=np.float32),
+            next_observations=obs.copy(),
+        )
+
+    def make_online_env(self) -> BanditEnv:
+        return BanditEnv(self.reward_fn, self.obs_dim)
+
+    def defer_sampling_from(self, step: int) -> None:
+        self._defer_from = int(step)
+
+    def make_replay_buffer(self, capacity_extra: int) -> ReplayBuffer:
+        """The offline samples plus room for ``capacity_extra`` online ones; batches come from it from now on."""
+        if self.replay_buffer is None:
+            buffer = ReplayBuffer(self.offline_table(), capacity_extra=capacity_extra)
+            if self._pending_buffer_state is not None:
+                buffer.load_state_dict(self._pending_buffer_state)
+                self._pending_buffer_state = None
+            self.replay_buffer = buffer
+        return self.replay_buffer
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if not is_deferred(batch):
+            return batch
+        if self.replay_buffer is None:
+            raise RuntimeError("deferred batch before the replay buffer exists: call make_replay_buffer() first")
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        rng = deferred_rng(self.hparams.seed, rank, int(batch[DEFERRED_KEY]))
+        return draw_batch(self.replay_buffer, rng, self.batch_size, 1, self.discount)
+
+    def state_dict(self) -> dict[str, Any]:
+        return rank_states(self.replay_buffer, self.trainer)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state = state_for_rank(state_dict, self.trainer)
+        if state is None:
+            return
+        if self.replay_buffer is not None:
+            self.replay_buffer.load_state_dict(state)
+        else:
+            self._pending_buffer_state = state

@@ -16,14 +16,27 @@ from trqam_lit.data.chunks import ChunkTable
 from trqam_lit.data.errors import DatasetNotFoundError
 from trqam_lit.data.loading import check_dataset_file, env_spaces, load_table, process_dataset, read_dataset
 from trqam_lit.data.paths import dataset_name_for, expected_files, missing_dataset_message, resolve_dataset_dir
-from trqam_lit.data.replay import ReplayBuffer
+from trqam_lit.data.replay import (
+    DEFERRED_KEY,
+    ReplayBuffer,
+    deferred_batch,
+    deferred_rng,
+    draw_batch,
+    is_deferred,
+    rank_states,
+    state_for_rank,
+)
 
 
 class _SourceRef:
-    """Mutable handle so a running stream picks up the replay buffer once the online phase installs it."""
+    """Mutable handle so a running stream picks up the replay buffer once the online phase installs it.
+
+    ``defer_from``: from this global step on the stream yields placeholders, drawn at transfer time.
+    """
 
     def __init__(self) -> None:
         self.source: ChunkTable | ReplayBuffer | ShardCycler | None = None
+        self.defer_from: int | None = None
 
 
 class ShardCycler:
@@ -118,12 +131,10 @@ class ChunkStream(IterableDataset):
         rng = np.random.default_rng([self.seed, self.rank, worker, self.start_step])
         step = self.start_step
         while True:
-            source = self._source_at(step)
-            high = len(source) - self.horizon + 1
-            if high < 1:
-                raise ValueError(f"{len(source)} transitions cannot hold a chunk of horizon {self.horizon}")
-            idx = rng.integers(0, high, size=self.batch_size)
-            yield {k: torch.from_numpy(v) for k, v in source.sample(idx, self.horizon, self.discount).items()}
+            if self.ref.defer_from is not None and step >= self.ref.defer_from:
+                yield deferred_batch(step)
+            else:
+                yield draw_batch(self._source_at(step), rng, self.batch_size, self.horizon, self.discount)
             step += 1
 
 
@@ -263,6 +274,10 @@ class OGBenchDataModule(L.LightningDataModule):
 
         return evaluation_dataloader()
 
+    def test_dataloader(self) -> DataLoader:
+        """`trqam-lit test` runs the same evaluation as `validate`."""
+        return self.val_dataloader()
+
     def make_evaluator(self) -> Any:
         """Batched rollouts on separate instances of the single-task environment (never the relabelling one).
 
@@ -281,8 +296,35 @@ class OGBenchDataModule(L.LightningDataModule):
             )
         return self._evaluator
 
+    # ---- online phase (trqam_lit.online.OnlinePhase) -------------------------------------------------------------
+    def make_online_env(self) -> Any:
+        """A fresh single-task environment for online interaction (never the relabelling or evaluation one)."""
+        from trqam_lit.evaluation import make_ogbench_env
+
+        return make_ogbench_env(self.env_name)
+
+    def defer_sampling_from(self, step: int) -> None:
+        """Batches of global steps >= ``step`` are drawn in :meth:`on_before_batch_transfer`, i.e. after the
+        environment steps that precede their gradient step (Lightning fetches one batch ahead)."""
+        self._ref.defer_from = int(step)
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if not is_deferred(batch):
+            return batch
+        step = int(batch[DEFERRED_KEY])
+        rank, _ = self._rank_and_step()
+        source = self.replay_buffer if self.replay_buffer is not None else self._ref.source
+        if isinstance(source, ShardCycler):
+            source = source.get(rank + step // self.shard_steps)
+        rng = deferred_rng(self.seed, rank, step)
+        return draw_batch(source, rng, self.batch_size, self.horizon, self.discount)
+
     def make_replay_buffer(self, capacity_extra: int) -> ReplayBuffer:
-        """Start the online phase: a replay buffer over the offline data that the batch stream samples from now on."""
+        """Start the online phase: a replay buffer over the offline data that the batch stream samples from now on.
+
+        With a shard directory the buffer holds one shard: the one this rank samples at the start of the online
+        phase (``defer_sampling_from``; else the current step), as the reference does.
+        """
         if self.replay_buffer is not None:
             return self.replay_buffer
         if self.num_workers > 0:
@@ -290,22 +332,28 @@ class OGBenchDataModule(L.LightningDataModule):
         self.setup("fit")
         source = self._ref.source
         if isinstance(source, ShardCycler):
-            raise ValueError("online fine-tuning over a shard directory is not supported; use a single dataset file")
-        self.replay_buffer = ReplayBuffer(source, capacity_extra=capacity_extra, sparse=self.sparse)
+            # As the reference: the buffer starts from the shard in use when the offline phase ends (so a resumed
+            # run rebuilds it from the same shard).
+            rank, step = self._rank_and_step()
+            start = step if self._ref.defer_from is None else self._ref.defer_from
+            source = source.get(rank + start // self.shard_steps)
+        buffer = ReplayBuffer(source, capacity_extra=capacity_extra, sparse=self.sparse)
         if self._pending_buffer_state is not None:
-            self.replay_buffer.load_state_dict(self._pending_buffer_state)
+            buffer.load_state_dict(self._pending_buffer_state)
             self._pending_buffer_state = None
+        self.replay_buffer = buffer
         self.table = None  # the buffer holds its own copy; drop ours
         self._ref.source = self.replay_buffer
         return self.replay_buffer
 
     def state_dict(self) -> dict[str, Any]:
-        """Online transitions of the replay buffer, if the online phase started (offline rows come from the file)."""
-        return {} if self.replay_buffer is None else {"replay_buffer": self.replay_buffer.state_dict()}
+        """Online transitions of each rank's replay buffer, if the online phase started (offline rows come from
+        the file). Under DDP every rank must call it (Lightning does, when it saves a checkpoint)."""
+        return rank_states(self.replay_buffer, getattr(self, "trainer", None))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the replay buffer's online part now, or when :meth:`make_replay_buffer` creates it."""
-        state = state_dict.get("replay_buffer")
+        """Restore this rank's online transitions now, or when :meth:`make_replay_buffer` creates the buffer."""
+        state = state_for_rank(state_dict, getattr(self, "trainer", None))
         if state is None:
             return
         if self.replay_buffer is not None:

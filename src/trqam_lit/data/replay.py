@@ -11,6 +11,72 @@ from trqam_lit.data.chunks import ChunkTable, sample_chunks
 from trqam_lit.data.loading import ACTION_CLIP
 
 _ONLINE_KEYS = ("observations", "actions", "rewards", "masks", "terminals", "next_observations")
+DEFERRED_KEY = "deferred_step"
+
+
+def deferred_batch(step: int) -> dict[str, torch.Tensor]:
+    """Placeholder a batch stream yields for global step ``step`` when the batch must be drawn later.
+
+    Lightning fetches one batch ahead, so a batch drawn by the stream in the online phase would miss the
+    transitions of the environment steps that precede its gradient step. The DataModule replaces the placeholder
+    in ``on_before_batch_transfer``, which runs after them.
+    """
+    return {DEFERRED_KEY: torch.tensor(step, dtype=torch.int64)}
+
+
+def is_deferred(batch: Any) -> bool:
+    """Whether ``batch`` is a :func:`deferred_batch` placeholder."""
+    return isinstance(batch, dict) and DEFERRED_KEY in batch
+
+
+def draw_batch(
+    source: Any, rng: np.random.Generator, batch_size: int, horizon: int, discount: float
+) -> dict[str, torch.Tensor]:
+    """Chunk batch with start indices uniform over ``[0, len(source) - horizon]`` (every transition stored)."""
+    high = len(source) - horizon + 1
+    if high < 1:
+        raise ValueError(f"{len(source)} transitions cannot hold a chunk of horizon {horizon}")
+    idx = rng.integers(0, high, size=batch_size)
+    return {k: torch.from_numpy(v) for k, v in source.sample(idx, horizon, discount).items()}
+
+
+def gather_from_ranks(obj: Any, trainer: Any = None) -> list[Any]:
+    """``obj`` of every rank, in rank order (``[obj]`` without a process group). Every rank must call it."""
+    world = 1 if trainer is None else int(trainer.world_size)
+    if world <= 1 or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return [obj]
+    out: list[Any] = [None] * world
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def rank_states(buffer: ReplayBuffer | None, trainer: Any = None) -> dict[str, Any]:
+    """DataModule checkpoint entry: each rank's online transitions (under DDP every rank has its own buffer)."""
+    if buffer is None:
+        return {}
+    return {"replay_buffer": {"ranks": gather_from_ranks(buffer.state_dict(), trainer)}}
+
+
+def state_for_rank(state_dict: dict[str, Any], trainer: Any = None) -> dict[str, Any] | None:
+    """This rank's buffer state from a :func:`rank_states` entry (None when the checkpoint holds no buffer)."""
+    entry = state_dict.get("replay_buffer") if isinstance(state_dict, dict) else None
+    if entry is None:
+        return None
+    if "ranks" not in entry:  # a single buffer (saved without a Trainer)
+        entry = {"ranks": [entry]}
+    world = 1 if trainer is None else int(trainer.world_size)
+    rank = 0 if trainer is None else int(trainer.global_rank)
+    if len(entry["ranks"]) != world:
+        raise ValueError(
+            f"the checkpoint holds the online replay buffers of {len(entry['ranks'])} rank(s) but this run has "
+            f"{world}: resume the online phase with the same number of devices"
+        )
+    return entry["ranks"][rank]
+
+
+def deferred_rng(seed: int, rank: int, step: int) -> np.random.Generator:
+    """Generator of the batch drawn for a deferred global step (a pure function of seed, rank and step)."""
+    return np.random.default_rng([seed, rank, step, 1])
 
 
 class ReplayBuffer:
@@ -75,25 +141,48 @@ class ReplayBuffer:
         return sample_chunks(self._table, idx, horizon, discount, cut=cut)
 
     def state_dict(self) -> dict[str, Any]:
-        """Online transitions only, oldest first (tensors, so ``torch.load(weights_only=True)`` accepts them)."""
+        """Online transitions only, oldest first (tensors, so ``torch.load(weights_only=True)`` accepts them).
+
+        The newest saved transition is marked terminal: an episode in progress cannot be continued after a
+        restore (the simulator state is not saved), so the saved trajectory ends there and a resumed run starts
+        a new episode. The live buffer is not modified.
+        """
         start = self._head if self._online == self.capacity_extra else 0
         rows = self.offline_size + (start + np.arange(self._online)) % self.capacity_extra
-        return {
-            "offline_size": self.offline_size,
-            "online": {k: torch.from_numpy(getattr(self._table, k)[rows]) for k in _ONLINE_KEYS},
-        }
+        online = {k: torch.from_numpy(getattr(self._table, k)[rows]) for k in _ONLINE_KEYS}
+        if self._online:
+            online["terminals"][-1] = 1.0
+        return {"offline_size": self.offline_size, "online": online}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the online part saved by :meth:`state_dict` on top of the reloaded offline data."""
+        """Restore the online part saved by :meth:`state_dict` on top of the reloaded offline data.
+
+        Raises:
+            ValueError: the state is damaged (missing keys, ragged arrays) or belongs to other data (offline size,
+                observation or action dimension).
+        """
+        online = state.get("online") if isinstance(state, dict) else None
+        if not isinstance(online, dict) or "offline_size" not in state or set(_ONLINE_KEYS) - set(online):
+            got = sorted(online) if isinstance(online, dict) else sorted(state) if isinstance(state, dict) else state
+            raise ValueError(
+                f"replay buffer state is damaged: expected offline_size and online {list(_ONLINE_KEYS)}, got {got}"
+            )
         if state["offline_size"] != self.offline_size:
             raise ValueError(
                 f"replay buffer state was saved over {state['offline_size']} offline transitions but "
                 f"{self.offline_size} are loaded now: a different dataset file?"
             )
-        n = len(state["online"]["rewards"])
+        n = len(online["rewards"])
+        for k in _ONLINE_KEYS:
+            want = (n,) + getattr(self._table, k).shape[1:]
+            if tuple(online[k].shape) != want:
+                raise ValueError(
+                    f"replay buffer state: online {k} has shape {tuple(online[k].shape)}, expected {want} "
+                    "(another environment, or a damaged checkpoint)"
+                )
         if n > self.capacity_extra:
             raise ValueError(f"the state holds {n} online transitions, more than capacity_extra={self.capacity_extra}")
         for k in _ONLINE_KEYS:
-            getattr(self._table, k)[self.offline_size : self.offline_size + n] = state["online"][k].numpy()
+            getattr(self._table, k)[self.offline_size : self.offline_size + n] = online[k].numpy()
         self._online = n
         self._head = n % self.capacity_extra
