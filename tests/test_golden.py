@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from golden import GoldenNets, load, t
+from golden import GoldenNets, flax_to_torch, load, t
 from trqam_lit.adjoint import adjoint_matching_objective
 from trqam_lit.critic import critic_loss, ensemble_pessimistic_value, td_target
 from trqam_lit.dual import DualDescent, dual_step
@@ -91,17 +91,12 @@ class Update:
             for leaf, p, tr in n.leaves(name):
                 opt.state[p] = {
                     "step": torch.tensor(count),
-                    "exp_avg": _leaf(a, "adam_mu_before", leaf, tr),
-                    "exp_avg_sq": _leaf(a, "adam_nu_before", leaf, tr),
+                    "exp_avg": flax_to_torch(a[f"adam_mu_before/{leaf}"], tr),
+                    "exp_avg_sq": flax_to_torch(a[f"adam_nu_before/{leaf}"], tr),
                 }
         opt.step()
         if self.agent == "trqam":
             self.dual.step(self.am.path_kl)
-
-
-def _leaf(arrays, group, leaf, transpose):
-    x = t(arrays[f"{group}/{leaf}"])
-    return x.T.contiguous() if transpose else x
 
 
 @pytest.fixture(scope="module", params=["trqam", "qam"])

@@ -143,6 +143,14 @@ class _Moments:
         return math.sqrt(max(self.sumsq / self.n - self.mean**2, 0.0) * self.n / max(self.n - 1, 1))
 
 
+def _am_pass(v_ft, v_base, q_fn, x0: Tensor, eps: Tensor, K: int, dim: int, lam: float, solver: str):
+    """One pass of the project's adjoint-matching objective on the analytic reward (no clip, KL per dimension)."""
+    s = torch.zeros(x0.shape[0], 1)
+    return adjoint_matching_objective(
+        v_ft, v_base, q_fn, s, x0, eps, K, horizon=dim, lam_eff=lam, solver=solver, clip_action=False
+    )
+
+
 def _rel(err: float, scale: float) -> float | None:
     return abs(err) / abs(scale) if scale != 0 else None
 
@@ -228,19 +236,7 @@ def gaussian_linear(
     sde_end = _Moments()
     for b in _chunks(samples, K, dim):
         x0, eps = _draw(gen, b, K, dim, antithetic)
-        out = adjoint_matching_objective(
-            v_opt,
-            v_base,
-            q_fn,
-            torch.zeros(b, 1),
-            x0,
-            eps,
-            K,
-            horizon=dim,
-            lam_eff=lam,
-            solver=solver,
-            clip_action=False,
-        )
+        out = _am_pass(v_opt, v_base, q_fn, x0, eps, K, dim, lam, solver)
         kl_sum += float(out.path_kl) * b
         loss_opt += float(out.loss) * b
         sde_end.add(out.xs[-1])
@@ -346,19 +342,7 @@ def gaussian_quadratic(
         sde_end = _Moments()
         for b in _chunks(samples, K, dim):
             x0, eps = _draw(gen, b, K, dim, antithetic)
-            out = adjoint_matching_objective(
-                v_cur,
-                v_base,
-                q_fn,
-                torch.zeros(b, 1),
-                x0,
-                eps,
-                K,
-                horizon=dim,
-                lam_eff=lam,
-                solver=solver,
-                clip_action=False,
-            )
+            out = _am_pass(v_cur, v_base, q_fn, x0, eps, K, dim, lam, solver)
             feats = torch.cat([out.xs[:K].double(), torch.ones(K, b, 1, dtype=torch.float64)], dim=-1)
             xtx += feats.transpose(1, 2) @ feats
             xty += feats.transpose(1, 2) @ (coef * out.adjs.double())
