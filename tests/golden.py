@@ -93,3 +93,149 @@ class GoldenNets:
         """(flax leaf name, torch parameter, transpose?) for one recorded network."""
         for leaf, (param, tr) in self.maps[net].items():
             yield leaf, param, tr
+
+
+# ---- hyperparameters: everything the tests build comes from the record ----------------------------------------------
+
+# The reference's constants that its config does not hold: optax.adam(lr) with its defaults (b1 0.9, b2 0.999,
+# eps 1e-8, eps_root 0) and optax.clip_by_global_norm(max_norm=1.0) when config clip_grad (agents/trqam.py, qam.py).
+OPTAX_ADAM = {"betas": (0.9, 0.999), "eps": 1e-8}
+GRAD_CLIP_NORM = 1.0
+
+
+def check_reference_config(agent: str, cfg: dict) -> None:
+    """The code paths of the reference this port implements: any other switch would make the record another method."""
+    assert cfg["agent_name"] == agent
+    expected = {"action_chunking": True, "bc_only": False, "best_of_n": 1, "clip_adj": True, "clip_grad": True,
+                "target_actor": True, "use_target_grad": True}  # fmt: skip
+    if agent == "qam":
+        expected.update(edit_scale=0.0, fql_alpha=0.0, residual=False)  # plain QAM: no edit policy, no FQL term
+    for key, value in expected.items():
+        assert cfg[key] == value, (key, cfg[key], value)
+
+
+def dual_hparams(cfg: dict) -> dict:
+    """The dual step's hyperparameters in :func:`trqam_lit.dual.dual_step`'s names, from the reference config."""
+    return {
+        "eps_kl": cfg["kl_budget"],
+        "eta": cfg["eta_lambda"],
+        "rho": cfg["kl_ema_coef"],  # weight of the new (clipped) KL estimate in its average
+        "kl_clip": cfg["kl_clip_coef"],
+        "lam_min": cfg["lambda_min"],
+        "lam_max": cfg["lambda_max"],
+    }
+
+
+# Options of the project that have no counterpart in the reference and no effect on one finite update: a test may
+# leave them at their defaults. Every other constructor argument must be passed from the record (checked).
+NEUTRAL_HPARAMS = frozenset({"max_nonfinite_steps"})
+
+
+def agent_hparams(agent: str, arrays: dict[str, np.ndarray], meta: dict) -> dict:
+    """Every constructor argument of TRQAM / QAM, from the record's config and harness state."""
+    cfg = meta["config"]
+    check_reference_config(agent, cfg)
+    B, H, act = arrays["batch/actions"].shape
+    assert (B, H, act) == (cfg["batch_size"], cfg["horizon_length"], cfg["action_dim"])
+    assert arrays["batch/observations"].shape == (B, *cfg["ob_dims"])
+    kwargs = {
+        "obs_dim": cfg["ob_dims"][0],
+        "action_dim": cfg["action_dim"] * cfg["horizon_length"],  # action chunking: the flattened chunk
+        "horizon": cfg["horizon_length"],
+        "discount": cfg["discount"],
+        "actor_hidden_dims": tuple(cfg["actor_hidden_dims"]),
+        "actor_layer_norm": cfg["actor_layer_norm"],
+        "critic_hidden_dims": tuple(cfg["value_hidden_dims"]),
+        "critic_layer_norm": cfg["value_layer_norm"],
+        "num_critics": cfg["num_qs"],
+        "flow_steps": cfg["flow_steps"],
+        "rho_q": cfg["rho"],
+        "lr": cfg["lr"],
+        "tau": cfg["tau"],
+        "grad_clip_norm": GRAD_CLIP_NORM,
+        # project-only switches, at the values that run the reference's algorithm
+        "analytic_critic": False,
+        "init_from": None,
+        "bc_warmup_steps": 0,
+        "sde_solver": "fused",
+    }
+    if agent == "trqam":
+        dual = dual_hparams(cfg)
+        kwargs.update(
+            eps_kl=dual["eps_kl"], eta=dual["eta"], kl_ema_rho=dual["rho"], kl_clip=dual["kl_clip"],
+            lam_min=dual["lam_min"], lam_max=dual["lam_max"], lam_scale=cfg["lam_scale"],
+            lam_init=float(arrays["dual/lam_before"]), dual_form="reference", dual_update=True,
+        )  # fmt: skip
+    else:
+        kwargs["inv_temp"] = cfg["inv_temp"]
+    return kwargs
+
+
+# ---- random draws ------------------------------------------------------------------------------------------------
+
+
+def recorded_draws(arrays: dict[str, np.ndarray], cfg: dict) -> dict[str, torch.Tensor]:
+    """The recorded draws under the names of FlowAgent.draw, with the shapes the project's functions take.
+
+    Each must be the corresponding ``draw/NN`` in call order and have the shape the reference drew; the only
+    reshapes are the documented ones: the critic's best_of_n axis (1) is dropped, and the K per-step SDE draws are
+    stacked into (K, B, A) (the K-th is unused by the reference: the last step is the noiseless base ODE step).
+    """
+    B, A, K = cfg["batch_size"], cfg["action_dim"] * cfg["horizon_length"], cfg["flow_steps"]
+    named = {"critic/next_noise": ("draw/00", (B, 1, A)), "bc/x0": ("draw/01", (B, A)), "bc/t": ("draw/02", (B, 1))}
+    for name, (draw, shape) in named.items():
+        assert arrays[name].shape == shape, (name, arrays[name].shape, shape)
+        np.testing.assert_array_equal(arrays[name], arrays[draw], err_msg=f"{name} is not {draw}")
+    am = [arrays[f"draw/{i:02d}"] for i in range(3, 4 + K)]  # x_0, then eps_0..eps_{K-1}
+    assert f"draw/{4 + K:02d}" not in arrays, "more draws recorded than the update makes"
+    assert all(d.shape == (B, A) for d in am), [d.shape for d in am]
+    assert cfg["best_of_n"] == 1
+    return {
+        "critic/next_noise": t(arrays["critic/next_noise"])[:, 0],
+        "bc/x0": t(arrays["bc/x0"]),
+        "bc/t": t(arrays["bc/t"]),
+        "am/x0": t(am[0]),
+        "am/eps": torch.stack([t(d) for d in am[1:]]),
+    }
+
+
+UNIFORM_DRAWS = frozenset({"bc/t"})  # jax.random.uniform in the record; every other draw is jax.random.normal
+
+
+# ---- comparing one update's changes -------------------------------------------------------------------------------
+
+
+def assert_change_close(
+    after: torch.Tensor | np.ndarray,
+    before: np.ndarray,
+    recorded_after: np.ndarray,
+    rtol: float,
+    atol: float,
+    what: str,
+) -> None:
+    """(after - before) against the recorded (after - before), elementwise, in float64 of the float32 values.
+
+    Comparing the change rather than the values is what makes the test see a step of size ~lr on weights of size
+    ~1: the tolerance is set against the change's own scale (see the callers for the numbers).
+    """
+    if torch.is_tensor(after):
+        after = after.detach().cpu().numpy()
+    before = np.asarray(before, dtype=np.float32)
+    assert after.shape == before.shape == recorded_after.shape, (what, after.shape, before.shape, recorded_after.shape)
+    got = after.astype(np.float64) - before.astype(np.float64)
+    expected = recorded_after.astype(np.float64) - before.astype(np.float64)
+    np.testing.assert_allclose(got, expected, rtol=rtol, atol=atol, err_msg=f"change of {what}")
+
+
+def update_tolerance(recorded_after: np.ndarray, target: bool = False) -> dict[str, float]:
+    """Tolerance on one leaf's change over the update (parameters, targets, Adam moments).
+
+    The recorded change is the difference of two float32 values of the leaf's size, so it is known only to about one
+    ulp of the leaf's largest value (<= 1.2e-7 for the weights here, |w| <= 1.33): the atol is counted in those ulps.
+    Trained leaves and Adam moments: rtol 1e-3 of the recorded change, 10x the spec's float32 agreement of 1e-4 (the
+    gradients agree to ~1e-5), and 4 ulps (our float32 update lands within 0.9 ulp on every leaf). Targets
+    (``target=True``): tau * online_old + (1 - tau) * target_old has no gradient in it, and the record matches it
+    exactly, so 1 ulp and no rtol; the post-step mix, tau * (p_new - p_old) <= 2.5e-6 away, fails it.
+    """
+    ulp = float(np.spacing(np.abs(recorded_after).astype(np.float32).max()))
+    return {"rtol": 0.0, "atol": ulp} if target else {"rtol": 1e-3, "atol": 4.0 * ulp}

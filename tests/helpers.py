@@ -89,3 +89,47 @@ class OnlineDump(pl.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._dump(trainer, pl_module, "end")
+
+
+class StepValues(pl.Callback):
+    """DDP test probe: each rank saves, per global step, its LOCAL recorded losses and path-KL estimate (before any
+    cross-rank average) and a checksum of each of its random draws, to ``dirpath/values-rank{r}.pt``."""
+
+    def __init__(self, dirpath: str) -> None:
+        self.dirpath = Path(dirpath)
+        self.values: dict[int, dict[str, float]] = {}
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        record, draw = pl_module.record, pl_module.draw
+
+        def recording(**values):
+            self.values.setdefault(trainer.global_step, {}).update({k: float(v) for k, v in values.items()})
+            record(**values)
+
+        def drawing(name, *shape, uniform=False):
+            out = draw(name, *shape, uniform=uniform)
+            self.values.setdefault(trainer.global_step, {})[f"draw/{name}"] = float(out.double().sum())
+            return out
+
+        pl_module.record, pl_module.draw = recording, drawing
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        torch.save(self.values, self.dirpath / f"values-rank{trainer.global_rank}.pt")
+
+
+def assert_kl_is_the_rank_mean(log_dir: str | Path, dump: Path, first_step: int) -> None:
+    """The logged ``dual/kl`` of every step equals the mean of the two ranks' local estimates, which differ (each rank
+    has its own batch and noise), and every random draw differs between the ranks."""
+    v0, v1 = (torch.load(Path(dump) / f"values-rank{r}.pt", weights_only=False) for r in (0, 1))
+    logged = dict(read_scalars(log_dir)["dual/kl"])
+    assert sorted(logged) == [s for s in sorted(v0) if s >= first_step], (sorted(logged), sorted(v0))
+    for step, kl in logged.items():
+        a, b = v0[step]["kl"], v1[step]["kl"]
+        assert abs(kl - (a + b) / 2) <= 1e-6 * abs(a + b) / 2 + 1e-12, (step, kl, a, b)
+    # the first fine-tuning step has KL 0 on both ranks (v_ft = v_base); every later one differs between ranks
+    assert all(v0[s]["kl"] != v1[s]["kl"] for s in sorted(logged)[1:]), [(v0[s]["kl"], v1[s]["kl"]) for s in logged]
+    for step in v0:
+        for name in v0[step]:
+            if name.startswith("draw/"):
+                assert v0[step][name] != v1[step][name], (step, name)

@@ -19,7 +19,7 @@ SMALL = [
     "--data.init_args.eval_episodes=2",
     "--data.init_args.eval_envs=2",
 ]
-CONTRACT = ("train/critic_loss", "train/bc_loss", "train/am_loss", "train/q_mean", "dual/kl", "dual/kl_ema",
+CONTRACT = ("critic/critic_loss", "actor/bc_loss", "actor/am_loss", "critic/q_mean", "dual/kl", "dual/kl_ema",
             "dual/lambda", "eval/success", "eval/return", "eval/length")  # fmt: skip
 
 

@@ -34,7 +34,7 @@ def toy_run(tmp_path_factory):
 def test_fit_logs_every_scalar_finite(toy_run):
     root, proc = toy_run
     scalars = read_scalars(run_dir(root))
-    for tag in ("train/critic_loss", "train/bc_loss", "train/am_loss", "train/q_mean", "dual/kl", "dual/kl_ema",
+    for tag in ("critic/critic_loss", "actor/bc_loss", "actor/am_loss", "critic/q_mean", "dual/kl", "dual/kl_ema",
                 "dual/lambda", "eval/return", "eval/action_mean", "eval/length", "perf/steps_per_sec",
                 "train/grad_norm"):  # fmt: skip
         assert tag in scalars, f"{tag} missing; have {sorted(scalars)}"
@@ -74,7 +74,7 @@ def test_bf16_mixed_trains_without_nan(tmp_path):
                     "--trainer.precision=bf16-mixed"], cwd=tmp_path)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     scalars = read_scalars(run_dir(tmp_path))
-    for tag in ("train/am_loss", "train/bc_loss", "dual/kl", "dual/lambda", "eval/return"):
+    for tag in ("actor/am_loss", "actor/bc_loss", "dual/kl", "dual/lambda", "eval/return"):
         assert all(math.isfinite(v) for _, v in scalars[tag]), tag
 
 

@@ -1,4 +1,5 @@
-"""A real 2-process DDP run on CPU (gloo): lambda, the KL average and every parameter end identical."""
+"""A real 2-process DDP run on CPU (gloo): lambda, the KL average and every parameter end identical; the dual step
+uses the mean of the ranks' KL estimates; every rank draws its own noise."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import os
 
 import torch
 
-from helpers import CONFIGS, REPO, fast_trainer_args, run_cli
+from helpers import CONFIGS, REPO, assert_kl_is_the_rank_mean, fast_trainer_args, run_cli
 
 
 def test_two_process_ddp_keeps_every_rank_identical(tmp_path):
@@ -18,6 +19,7 @@ def test_two_process_ddp_keeps_every_rank_identical(tmp_path):
         "--model.init_args.bc_warmup_steps=4", "--model.init_args.analytic_critic=false",
         "--data.init_args.batch_size=32", "--data.init_args.eval_samples=64",
         "--trainer.callbacks+=helpers.StateDump", f"--trainer.callbacks.dirpath={dump}",
+        "--trainer.callbacks+=helpers.StepValues", f"--trainer.callbacks.dirpath={dump}",
     ]  # fmt: skip
     proc = run_cli(args, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -26,3 +28,6 @@ def test_two_process_ddp_keeps_every_rank_identical(tmp_path):
     assert r0["dual.lam"].item() != 1.0  # the dual step ran
     for key in r0:
         torch.testing.assert_close(r0[key], r1[key], rtol=0, atol=0, msg=f"{key} differs between ranks")
+    # DDP broadcasts rank 0's buffers before every forward, so identical lambdas alone would not show the average
+    (log_dir,) = (tmp_path / "runs").glob("*/version_*")
+    assert_kl_is_the_rank_mean(log_dir, dump, first_step=4)

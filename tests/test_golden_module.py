@@ -2,7 +2,8 @@
 
 tests/test_golden.py runs the pure functions in the reference's order by hand; this test lets Lightning run
 them: training_step -> backward -> clip -> polyak -> Adam -> dual step, with the recorded weights, Adam state,
-lambda, KL average and random draws, and compares every parameter and buffer after the step.
+lambda, KL average and random draws, and compares what the step computed and the change of every parameter, Adam
+moment and dual variable. Every hyperparameter of the agent comes from the record (golden.agent_hparams).
 """
 
 from __future__ import annotations
@@ -13,39 +14,72 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from golden import actor_param_map, critic_param_map, flax_to_torch, load, t
+from golden import (
+    NEUTRAL_HPARAMS,
+    OPTAX_ADAM,
+    UNIFORM_DRAWS,
+    actor_param_map,
+    agent_hparams,
+    assert_change_close,
+    critic_param_map,
+    flax_to_torch,
+    load,
+    recorded_draws,
+    t,
+    update_tolerance,
+)
+from trqam_lit.adjoint import adjoint_matching_terms
 from trqam_lit.agents import QAM, TRQAM
 
 NETS = {"actor_fast": "v_ft", "actor_slow": "v_bc", "target_actor_slow": "v_base", "critic": "critic",
         "target_critic": "target_critic"}  # fmt: skip
+ONLINE = ("critic", "actor_slow", "actor_fast")
+
+
+def close(actual: torch.Tensor, expected: np.ndarray, what: str, rtol: float = 1e-4, atol: float = 1e-5) -> None:
+    actual = actual.detach().float().cpu().numpy()
+    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol, err_msg=what)
 
 
 def recorded_agent(agent: str):
     arrays, meta = load(agent)
     cfg = meta["config"]
-    B, H, act = arrays["batch/actions"].shape
+    hparams = agent_hparams(agent, arrays, meta)
+    draws = recorded_draws(arrays, cfg)
+    K = cfg["flow_steps"]
     cls = TRQAM if agent == "trqam" else QAM
-    extra = {"eps_kl": cfg["kl_budget"]} if agent == "trqam" else {"inv_temp": cfg["inv_temp"]}
-    draws = {
-        "critic/next_noise": t(arrays["critic/next_noise"])[:, 0],
-        "bc/x0": t(arrays["bc/x0"]),
-        "bc/t": t(arrays["bc/t"]),
-        "am/x0": t(arrays["draw/03"]),
-        "am/eps": torch.stack([t(arrays[f"draw/{i:02d}"]) for i in range(4, 4 + cfg["flow_steps"])]),
-    }
 
     class Recorded(cls):
         def draw(self, name, *shape, uniform=False):
+            """Hands out the recorded draw; a draw of another shape or kind fails instead of being reshaped."""
             value = draws[name]
-            return value[: shape[0]].reshape(shape).to(self.device)  # the SDE uses K-1 of the K eps draws
+            assert uniform == (name in UNIFORM_DRAWS), f"{name}: uniform={uniform} but the record drew the other kind"
+            if name == "am/eps" and tuple(shape) == (K - 1, *value.shape[1:]):
+                value = value[: K - 1]  # the documented slice: the reference's K-th per-step draw is never used
+            assert tuple(shape) == value.shape, f"{name}: asked for {tuple(shape)}, recorded {tuple(value.shape)}"
+            self.draw_calls.append(name)
+            return value.to(self.device)
 
-    model = Recorded(
-        obs_dim=arrays["batch/observations"].shape[1], action_dim=H * act, horizon=H, discount=cfg["discount"],
-        actor_hidden_dims=cfg["actor_hidden_dims"], actor_layer_norm=cfg["actor_layer_norm"],
-        critic_hidden_dims=cfg["value_hidden_dims"], critic_layer_norm=cfg["value_layer_norm"],
-        num_critics=cfg["num_qs"], flow_steps=cfg["flow_steps"], rho_q=cfg["rho"], lr=cfg["lr"], tau=cfg["tau"],
-        **extra,
-    )  # fmt: skip
+        # keep what the step's loss terms returned, to compare them with the record
+        def bc_loss(self, batch):
+            self.bc_out = super().bc_loss(batch)
+            return self.bc_out
+
+        def critic_loss(self, batch):
+            out = super().critic_loss(batch)
+            self.critic_out = out[0]
+            return out
+
+        def actor_objective(self, s, batch_size):
+            self.am_out = super().actor_objective(s, batch_size)
+            return self.am_out
+
+    model = Recorded(**hparams)
+    # Nothing left at a constructor default: every hyperparameter is the record's (or has no effect on one step).
+    assert set(model.hparams) - set(hparams) <= NEUTRAL_HPARAMS, sorted(set(model.hparams) - set(hparams))
+    assert {k: model.hparams[k] for k in hparams} == hparams
+    model.draw_calls = []
     maps = {}
     for flax_name, attr in NETS.items():
         net = getattr(model, attr)
@@ -53,10 +87,13 @@ def recorded_agent(agent: str):
     with torch.no_grad():
         for net_map in maps.values():
             for leaf, (param, tr) in net_map.items():
-                param.copy_(flax_to_torch(arrays[f"params_before/{leaf}"], tr))
+                value = flax_to_torch(arrays[f"params_before/{leaf}"], tr)
+                assert value.shape == param.shape, (leaf, value.shape, param.shape)
+                param.copy_(value)
         if agent == "trqam":
-            model.dual.lam.fill_(float(arrays["dual/lam_before"]))
+            assert model.dual.lam.item() == float(arrays["dual/lam_before"])  # lam_init, from the record
             model.dual.kl_ema.fill_(float(arrays["dual/kl_ema_before"]))
+    B = arrays["batch/actions"].shape[0]
     batch = {
         "observations": t(arrays["batch/observations"]),
         "actions": t(arrays["batch/actions"]).reshape(B, -1),
@@ -76,7 +113,7 @@ class AdamState(pl.Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         (opt,) = trainer.optimizers
-        for flax_name in ("critic", "actor_slow", "actor_fast"):
+        for flax_name in ONLINE:
             for leaf, (param, tr) in self.maps[flax_name].items():
                 opt.state[param] = {
                     "step": torch.tensor(float(self.count)),
@@ -85,24 +122,84 @@ class AdamState(pl.Callback):
                 }
 
 
+def capture_calls(net: torch.nn.Module) -> list:
+    """(inputs..., output) of every forward call of ``net`` during the step."""
+    calls = []
+    net.register_forward_hook(lambda m, args, out: calls.append((*(x.detach() for x in args), out.detach())))
+    return calls
+
+
 @pytest.mark.parametrize("agent", ["trqam", "qam"])
 def test_one_trainer_step_reproduces_the_recorded_update(agent):
-    model, maps, batch, arrays, meta = recorded_agent(agent)
+    model, maps, batch, a, meta = recorded_agent(agent)
+    cfg = meta["config"]
+    count = meta["state_set_by_harness"]["adam_count"]
+    assert count == int(a["adam_count_before"])
+    bc_calls, critic_calls = capture_calls(model.v_bc), capture_calls(model.critic)
+    target_calls = capture_calls(model.target_critic)
     trainer = pl.Trainer(
         max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, accelerator="cpu", devices=1,
-        callbacks=[AdamState(maps, arrays, meta["state_set_by_harness"]["adam_count"])],
+        enable_model_summary=False, accelerator="cpu", devices=1, callbacks=[AdamState(maps, a, count)],
     )  # fmt: skip
     trainer.fit(model, train_dataloaders=DataLoader([batch], batch_size=None))
-    assert model.grad_norm.item() == pytest.approx(float(arrays["grad_global_norm"]), rel=1e-4)
-    for flax_name, net_map in maps.items():
-        target = flax_name.startswith("target")
-        for leaf, (param, tr) in net_map.items():
-            got = (param.T if tr else param).detach().numpy()
-            np.testing.assert_allclose(
-                got, arrays[f"params_after/{leaf}"], rtol=0 if target else 1e-4, atol=2e-7 if target else 1e-6,
-                err_msg=leaf,
-            )  # fmt: skip
+
+    # Each recorded draw was asked for exactly once (shapes and kinds were checked as they were handed out).
+    assert sorted(model.draw_calls) == sorted(recorded_draws(a, cfg)), model.draw_calls
+
+    # What the step computed. BC: v_bc is evaluated once, at x_t with the drawn t.
+    ((s, x_t, t_in, pred),) = bc_calls
+    close(s, a["batch/observations"], "BC observations", rtol=0, atol=0)
+    close(t_in, a["bc/t"], "BC time t", rtol=0, atol=0)
+    close(x_t, a["bc/x_t"], "BC x_t")
+    close(pred, a["bc/pred"], "BC prediction")
+    close(model.bc_out, a["bc/flow_loss"], "BC loss")
+    # Critic: Q(s, a) once; the target ensemble at (s', a') with a' from v_ft's ODE on the recorded noise.
+    ((_, _, q),) = critic_calls
+    close(q, a["critic/q"], "q")
+    next_calls = [c for c in target_calls if torch.equal(c[0], batch["next_observations"])]
+    assert len(next_calls) == 1, len(next_calls)
+    close(next_calls[0][1], a["critic/next_actions"], "next actions")
+    close(next_calls[0][2], a["critic/next_qs"], "next qs")
+    close(model.critic_out, a["critic/critic_loss"], "critic loss")
+    # Adjoint matching: states, adjoints, per-step loss terms, loss and path KL.
+    am = model.am_out
+    close(am.xs, a["am/xs"], "SDE states")
+    close(am.adj_final, a["am/adj_K"], "terminal adjoint")
+    close(am.adjs, a["am/adjs"], "lean adjoints")
+    close(am.sigmas[:, None, None].expand(a["am/sigmas"].shape), a["am/sigmas"], "sigmas")
+    terms = adjoint_matching_terms(am.v_ft, am.v_base, am.adjs, am.sigmas)
+    close(terms, a["am/adj_loss_per_step_sample"], "AM loss per step and sample")
+    close(am.loss, a["am/adj_loss"], "AM loss")
+    close(model.bc_out + model.critic_out + am.loss, a["loss/total"], "total loss")
     if agent == "trqam":
-        assert model.dual.lam.item() == pytest.approx(float(arrays["dual/lam_after"]), rel=1e-6)
-        assert model.dual.kl_ema.item() == pytest.approx(float(arrays["dual/kl_ema_after"]), rel=1e-6)
+        close(am.path_kl, a["am/path_kl"], "path KL")
+
+    # The optimizer is the reference's optax.adam(lr) over exactly the three online networks.
+    (opt,) = trainer.optimizers
+    assert opt.defaults["lr"] == cfg["lr"] and opt.defaults["betas"] == OPTAX_ADAM["betas"]
+    assert opt.defaults["eps"] == OPTAX_ADAM["eps"] and opt.defaults["weight_decay"] == 0
+    assert not opt.defaults["amsgrad"] and not opt.defaults["maximize"]
+    trained = {id(p) for group in opt.param_groups for p in group["params"]}
+    assert trained == {id(p) for name in ONLINE for p, _ in maps[name].values()}
+
+    # The update, as changes against the recorded changes (tolerances and their reasons: test_golden.py and
+    # golden.update_tolerance): the global norm, every parameter and target, the Adam moments and count.
+    assert model.grad_norm.item() == pytest.approx(float(a["grad_global_norm"]), rel=1e-4)
+    for flax_name, net_map in maps.items():
+        for leaf, (param, tr) in net_map.items():
+            before, after = a[f"params_before/{leaf}"], a[f"params_after/{leaf}"]
+            tol = update_tolerance(after, target=flax_name not in ONLINE)
+            assert_change_close(param.T if tr else param, before, after, **tol, what=leaf)
+            if flax_name not in ONLINE:
+                continue
+            state = opt.state[param]
+            assert int(state["step"]) == int(a["adam_count_after"]), (leaf, state["step"])
+            for key, rec in (("exp_avg", "adam_mu"), ("exp_avg_sq", "adam_nu")):
+                got = state[key].T if tr else state[key]
+                before, after = a[f"{rec}_before/{leaf}"], a[f"{rec}_after/{leaf}"]
+                assert_change_close(got, before, after, **update_tolerance(after), what=f"{key} {leaf}")
+    if agent == "trqam":
+        lam0, ema0 = float(a["dual/lam_before"]), float(a["dual/kl_ema_before"])
+        d_lam, d_ema = float(a["dual/lam_after"]) - lam0, float(a["dual/kl_ema_after"]) - ema0
+        assert model.dual.lam.item() - lam0 == pytest.approx(d_lam, rel=1e-3), "change of lambda"
+        assert model.dual.kl_ema.item() - ema0 == pytest.approx(d_ema, rel=1e-3), "change of the KL average"

@@ -10,7 +10,8 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from .agents import FlowAgent
 from .callbacks import FinalEvaluation, StepsPerSecond
-from .online import OnlinePhase, check_checkpoint_file
+from .checkpoint import AtomicCheckpointIO, check_checkpoint_file
+from .online import OnlinePhase
 
 
 class TRQAMCLI(LightningCLI):
@@ -34,7 +35,7 @@ class TRQAMCLI(LightningCLI):
         super().parse_arguments(parser, args)
         # LightningCLI reads --ckpt_path right after parsing: fail on a damaged file with a clear message first.
         if self.config.get("subcommand"):
-            check_checkpoint_file(self.config[self.config.subcommand].get("ckpt_path"))
+            check_checkpoint_file(self.config[self.config.subcommand].get("ckpt_path"), lightning=True)
 
     def before_fit(self) -> None:
         logger = self.trainer.logger
@@ -65,6 +66,7 @@ def trainer_defaults() -> dict:
             "init_args": {"save_dir": "runs", "name": "trqam", "default_hp_metric": False},
         },
         "callbacks": [FinalEvaluation(), StepsPerSecond()],
+        "plugins": [AtomicCheckpointIO()],  # a run killed while saving never leaves a half-written last.ckpt
         "val_check_interval": 1000,
         "num_sanity_val_steps": 0,  # an evaluation is a batch of episodes: never run one just as a sanity check
         "check_val_every_n_epoch": None,

@@ -10,6 +10,11 @@ from torch import Tensor, nn
 DualForm = Literal["reference", "paper"]
 
 
+def clip_kl(kl_hat: Tensor, eps_kl: float, kl_clip: float | None) -> Tensor:
+    """KL_c = min(KL_hat, kl_clip * eps_kl), the value the KL average takes in (``kl_clip=None``: no clip)."""
+    return kl_hat.float() if kl_clip is None else kl_hat.float().clamp(max=kl_clip * eps_kl)
+
+
 def dual_step(
     lam: Tensor,
     kl_ema: Tensor,
@@ -27,7 +32,7 @@ def dual_step(
     lambda <- clip(lambda + eta (KL_ema - eps_kl), lam_min, lam_max). ``kl_clip=None`` skips the KL clip
     and ``lam_max=None`` leaves lambda unbounded above (the paper's plain form uses both with lam_min 0).
     """
-    kl_c = kl_hat.float() if kl_clip is None else kl_hat.float().clamp(max=kl_clip * eps_kl)
+    kl_c = clip_kl(kl_hat, eps_kl, kl_clip)
     new_ema = (1.0 - rho) * kl_ema + rho * kl_c
     new_lam = (lam + eta * (new_ema - eps_kl)).clamp(min=lam_min, max=lam_max)
     return new_lam, new_ema
@@ -73,8 +78,14 @@ class DualDescent(nn.Module):
         return self.lam_scale * self.lam
 
     @torch.no_grad()
-    def step(self, kl_hat: Tensor) -> None:
-        """Update lambda and the KL average in place from this step's (rank-averaged) KL estimate."""
+    def step(self, kl_hat: Tensor) -> Tensor:
+        """Update lambda and the KL average in place from this step's (rank-averaged) KL estimate.
+
+        Returns the clipped KL that entered the average. A non-finite estimate is refused (the agents skip such a
+        step before it gets here): one NaN would otherwise make lambda NaN for the rest of the run.
+        """
+        if not bool(torch.isfinite(kl_hat)):
+            raise ValueError(f"non-finite path-KL estimate {float(kl_hat)} given to the dual step")
         lam, ema = dual_step(
             self.lam,
             self.kl_ema,
@@ -88,3 +99,4 @@ class DualDescent(nn.Module):
         )
         self.lam.copy_(lam)
         self.kl_ema.copy_(ema)
+        return clip_kl(kl_hat.detach(), self.eps_kl, self.kl_clip)

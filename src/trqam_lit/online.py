@@ -19,56 +19,20 @@ to that. A DataModule takes part through five methods: ``make_replay_buffer(capa
 
 from __future__ import annotations
 
-import contextlib
 import time
-import zipfile
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
 
+from .checkpoint import check_checkpoint_file  # noqa: F401 (re-exported: its old home)
 from .data.replay import gather_from_ranks
+from .rng import ONLINE_ACT, ONLINE_RESET, fold_seed, seeded
 
 _DM_METHODS = ("make_replay_buffer", "make_online_env", "defer_sampling_from", "state_dict", "load_state_dict")
 _STATE_KEYS = ("env_id", "env_steps", "episodes", "offline_steps", "utd_ratio", "start_training")
-
-
-def check_checkpoint_file(path: str | Path | None) -> None:
-    """Fail with the path, before Lightning loads it, on a checkpoint that is missing, truncated or not a
-    checkpoint at all (torch's own error for a truncated file is ``OSError: [Errno 22] Invalid argument``)."""
-    if path is None or str(path) in ("last", "best", "hpc", "registry") or "://" in str(path):
-        return  # resolved by Lightning itself
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        with zipfile.ZipFile(path) as zf:
-            if not any(name.endswith("data.pkl") for name in zf.namelist()):
-                raise zipfile.BadZipFile("no data.pkl inside")
-    except (zipfile.BadZipFile, OSError) as err:
-        raise ValueError(
-            f"checkpoint {path} is damaged or not a Lightning checkpoint ({err}); a truncated copy, or a run killed "
-            "while writing it? Use the checkpoint saved before it (checkpoints/*step=*.ckpt)"
-        ) from None
-
-
-def _seed(*parts: int) -> int:
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
-
-
-@contextlib.contextmanager
-def _seeded(device: torch.device, seed: int) -> Iterator[None]:
-    """Seed the CPU generator and ``device``'s for the block, then restore both."""
-    cuda = device.type == "cuda"
-    with torch.random.fork_rng(devices=[device] if cuda else []):
-        torch.random.default_generator.manual_seed(seed)
-        if cuda:
-            index = device.index if device.index is not None else torch.cuda.current_device()
-            torch.cuda.default_generators[index].manual_seed(seed)
-        yield
+# Checkpoints since 0.1 also hold "progress": each rank's episode in progress (its actions, the rest of the chunk).
 
 
 def _log_step(trainer: pl.Trainer) -> int:
@@ -116,6 +80,8 @@ class OnlinePhase(pl.Callback):
         self._obs: np.ndarray | None = None
         self._queue: list[np.ndarray] = []
         self._episode = [0.0, 0]  # return, length of the episode in progress
+        self._actions: list[np.ndarray] = []  # actions of the episode in progress (replayed on resume)
+        self._progress: dict[str, Any] | None = None  # this rank's episode in progress, from a checkpoint
         self._finished: list[tuple[int, float, float | None, int]] = []  # (log step, return, success, length)
         self._loaded: dict[str, Any] | None = None
         self._window = (time.perf_counter(), 0)
@@ -187,7 +153,28 @@ class OnlinePhase(pl.Callback):
                 f"{self.buffer.online_size} online transitions (expected {expected}); a damaged or mixed checkpoint?"
             )
         self._env = dm.make_online_env()
-        self._reset(trainer)
+        if self._progress is not None:
+            self._replay(trainer, self._progress)
+        else:
+            self._reset(trainer)
+        self._progress = None
+
+    def _replay(self, trainer: pl.Trainer, progress: dict[str, Any]) -> None:
+        """Bring the environment back to the checkpoint's state: the episode's reset seed, then its actions again
+        (the simulation is deterministic), so a resumed run continues exactly as an uninterrupted one."""
+        t = time.perf_counter()
+        self._obs, _ = self._env.reset(seed=self._episode_seed(trainer, self.episodes - 1))
+        ret = 0.0
+        actions = [np.asarray(a, dtype=np.float32) for a in progress["actions"]]
+        for action in actions:
+            self._obs, reward, terminated, truncated, _ = self._env.step(action)
+            ret += float(reward)
+            if terminated or truncated:
+                raise ValueError("checkpoint inconsistent: its episode in progress ends before its last action")
+        self.timers["env"] += time.perf_counter() - t
+        self._actions = actions
+        self._queue = [np.asarray(a, dtype=np.float32) for a in progress["queue"]]
+        self._episode = [ret, len(self._actions)]
 
     def _restore(self, trainer: pl.Trainer, state: dict[str, Any]) -> None:
         if not state["env_steps"]:
@@ -209,21 +196,26 @@ class OnlinePhase(pl.Callback):
                 f"the checkpoint's online phase ran on {len(episodes)} rank(s), this run has {trainer.world_size}"
             )
         self.env_steps, self.episodes = int(state["env_steps"]), int(episodes[trainer.global_rank])
+        if "progress" in state:  # else (an older checkpoint) the interrupted episode restarts as a new one
+            self._progress = state["progress"][trainer.global_rank]
 
     # ---- interaction -----------------------------------------------------------------------------------------
+    def _episode_seed(self, trainer: pl.Trainer, episode: int) -> int:
+        return fold_seed(self.seed, trainer.global_rank, episode, ONLINE_RESET) % 2**31
+
     def _reset(self, trainer: pl.Trainer) -> None:
         t = time.perf_counter()
-        self._obs, _ = self._env.reset(seed=_seed(self.seed, trainer.global_rank, self.episodes, 0))
+        self._obs, _ = self._env.reset(seed=self._episode_seed(trainer, self.episodes))
         self.timers["env"] += time.perf_counter() - t
         self.episodes += 1
-        self._queue, self._episode = [], [0.0, 0]
+        self._queue, self._episode, self._actions = [], [0.0, 0], []
 
     def _act(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         dm = trainer.datamodule
         t = time.perf_counter()
         obs = torch.as_tensor(np.asarray(self._obs), dtype=torch.float32)[None]
         # A private, reproducible noise stream per (rank, env step); the training RNG stream is left untouched.
-        with _seeded(pl_module.device, _seed(self.seed, trainer.global_rank, self.env_steps, 1)):
+        with seeded(pl_module.device, fold_seed(self.seed, trainer.global_rank, self.env_steps, ONLINE_ACT)):
             chunk = pl_module.act(obs)
         self._queue = list(chunk.float().cpu().numpy().reshape(dm.horizon, dm.action_dim))
         self.timers["act"] += time.perf_counter() - t
@@ -239,6 +231,7 @@ class OnlinePhase(pl.Callback):
             self.timers["env"] += time.perf_counter() - t
             done = bool(terminated or truncated)
             self.buffer.add(self._obs, action, float(reward), done, 1.0 - float(terminated), next_obs)
+            self._actions.append(action)
             self.env_steps += 1
             self._episode[0] += float(reward)
             self._episode[1] += 1
@@ -322,10 +315,22 @@ class OnlinePhase(pl.Callback):
             "env_id": self._env_id(trainer) if trainer is not None else "",
             "env_steps": self.env_steps,
             "episodes": gather_from_ranks(self.episodes, trainer),
+            "progress": gather_from_ranks(self._progress_state(), trainer),
             "offline_steps": self.offline_steps,
             "utd_ratio": self.utd_ratio,
             "start_training": self.start_training,
         }
+
+    def _progress_state(self) -> dict[str, Any]:
+        """This rank's episode in progress: its actions so far and the rest of the current action chunk."""
+        if self._progress is not None:  # saved before the environment was rebuilt: keep the checkpoint's
+            return self._progress
+        dim = getattr(self._trainer.datamodule, "action_dim", 0) if self._trainer is not None else 0
+
+        def stack(rows: list[np.ndarray]) -> torch.Tensor:  # tensors: checkpoints stay loadable with weights_only
+            return torch.from_numpy(np.stack(rows).astype(np.float32) if rows else np.zeros((0, dim), np.float32))
+
+        return {"actions": stack(self._actions), "queue": stack(self._queue)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         missing = [k for k in _STATE_KEYS if k not in state_dict]

@@ -17,7 +17,6 @@ from typing import Literal
 import torch
 import torchsde
 from torch import Tensor, nn
-from torchsde._brownian import BaseBrownian  # the documented interface for a user-supplied Brownian motion
 
 from .flow import VelocityFn
 
@@ -97,7 +96,7 @@ class FlowSDE(nn.Module):
         return x + self.dt * self.v_base(self.s, x, self.grid[self.num_steps - 1]).float()
 
 
-class RecordedBrownian(BaseBrownian):
+class RecordedBrownian(torchsde.BaseBrownian):
     """A Brownian motion on the flow grid whose increments W(t_{i+1}) - W(t_i) = sqrt(h) eps_i are given.
 
     Lets ``torchsde.sdeint`` consume exactly the draws the fused loop uses (or recorded ones in tests).

@@ -21,19 +21,19 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
 from .data.chunks import ChunkTable
+from .data.loading import DATASET_ACTION_LIMIT
 from .data.replay import (
     DEFERRED_KEY,
     ReplayBuffer,
+    batch_rng,
     deferred_batch,
-    deferred_rng,
     draw_batch,
     is_deferred,
     rank_states,
     state_for_rank,
 )
 from .evaluation import evaluation_dataloader
-
-ACTION_LIMIT = 1.0 - 1e-5
+from .rng import DATA, fold_seed
 
 
 class AnalyticReward(torch.nn.Module):
@@ -62,17 +62,23 @@ class _InfiniteBatches(IterableDataset):
         self,
         sample: Callable[[torch.Generator], dict[str, Tensor]],
         seed: int,
+        rank: int = 0,
         start_step: int = 0,
         defer_from: Callable[[], int | None] = lambda: None,
     ) -> None:
-        self.sample, self.seed, self.start_step, self.defer_from = sample, seed, start_step, defer_from
+        self.sample, self.seed, self.rank, self.start_step = sample, seed, rank, start_step
+        self.defer_from = defer_from
 
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
-        gen = torch.Generator().manual_seed(self.seed)
+        gen = torch.Generator()
         step = self.start_step
         while True:
             defer = self.defer_from()
-            yield deferred_batch(step) if defer is not None and step >= defer else self.sample(gen)
+            if defer is not None and step >= defer:
+                yield deferred_batch(step)
+            else:
+                # one stream per (seed, rank, step): a resumed run draws the batches of an uninterrupted one
+                yield self.sample(gen.manual_seed(fold_seed(self.seed, self.rank, step, DATA)))
             step += 1
 
 
@@ -167,7 +173,7 @@ class ToyBanditDataModule(pl.LightningDataModule):
             centres = means[comp][:, None]
         else:
             raise ValueError(f"unknown behavior {hp.behavior!r}; choose 'gaussian' or 'mixture'")
-        return (centres + noise).clamp(-ACTION_LIMIT, ACTION_LIMIT)
+        return (centres + noise).clamp(-DATASET_ACTION_LIMIT, DATASET_ACTION_LIMIT)
 
     def analytic_q(self) -> AnalyticReward:
         return self.reward_fn
@@ -196,7 +202,7 @@ class ToyBanditDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         rank = self.trainer.global_rank if self.trainer is not None else 0
         step = self.trainer.global_step if self.trainer is not None else 0
-        stream = _InfiniteBatches(self.sample, self.hparams.seed + 1 + 7919 * rank, step, lambda: self._defer_from)
+        stream = _InfiniteBatches(self.sample, self.hparams.seed, rank, step, lambda: self._defer_from)
         return DataLoader(stream, batch_size=None)
 
     # ---- online phase (trqam_lit.online.OnlinePhase): each environment step is one episode -----------------------
@@ -235,7 +241,7 @@ class ToyBanditDataModule(pl.LightningDataModule):
         if self.replay_buffer is None:
             raise RuntimeError("deferred batch before the replay buffer exists: call make_replay_buffer() first")
         rank = self.trainer.global_rank if self.trainer is not None else 0
-        rng = deferred_rng(self.hparams.seed, rank, int(batch[DEFERRED_KEY]))
+        rng = batch_rng(self.hparams.seed, rank, int(batch[DEFERRED_KEY]))
         return draw_batch(self.replay_buffer, rng, self.batch_size, 1, self.discount)
 
     def state_dict(self) -> dict[str, Any]:

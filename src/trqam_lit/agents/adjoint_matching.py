@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import lightning.pytorch as pl
 from torch import Tensor
 
 from ..adjoint import AMOutput, adjoint_matching_objective
+from ..callbacks import DualDescentStep
 from ..sde import Solver
 from .base import FlowAgent
 
@@ -40,14 +42,22 @@ class AdjointMatchingAgent(FlowAgent):
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         bc = self.bc_loss(batch)
-        self.log("train/bc_loss", bc, on_step=True, prog_bar=True)
+        self.log("actor/bc_loss", bc, on_step=True, prog_bar=True)
         if self.in_bc_warmup:
+            self.record(bc_loss=bc)
             return self.touch_unused(bc, self.v_ft, self.critic)
-        q_loss, q_mean = self.critic_loss(batch)
+        q_loss, q = self.critic_loss(batch)
         am = self.actor_objective(batch["observations"], batch["actions"].shape[0])
-        self.log_dict({"train/critic_loss": q_loss, "train/am_loss": am.loss.detach(), "train/q_mean": q_mean})
-        self._last_kl = am.path_kl  # handed to after_optimizer_step once the optimizer has stepped
+        self.log_dict({
+            "critic/critic_loss": q_loss, "critic/q_mean": q.mean(), "critic/q_min": q.min(),
+            "actor/am_loss": am.loss.detach(), "actor/adj_max": am.adj_final.abs().max(),
+        })  # fmt: skip
         loss = q_loss + bc + am.loss
+        # checked for NaN/inf before the optimizer step; the KL feeds the dual step once the update is applied
+        self.record(critic_loss=q_loss, bc_loss=bc, am_loss=am.loss, kl=am.path_kl)
         if self.analytic_q is not None:
             loss = self.touch_unused(loss, self.critic)
         return loss
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        return [DualDescentStep()]

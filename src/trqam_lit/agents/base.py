@@ -7,6 +7,8 @@ variable); everything a Trainer feature touches (precision, DDP, checkpoints) is
 from __future__ import annotations
 
 import copy
+import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,9 +18,11 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
+from ..checkpoint import check_checkpoint_file
 from ..critic import critic_loss, ensemble_pessimistic_value, td_target
 from ..flow import bc_flow_loss, sample_actions
 from ..nets import CriticEnsemble, VelocityField
+from ..rng import EVAL_NOISE, TRAIN_NOISE, fold_seed, seeded
 from ..targets import polyak_update
 
 EVAL_METRICS = ("success", "return", "length", "action_mean")
@@ -32,6 +36,9 @@ class FlowAgent(pl.LightningModule):
     """
 
     uses_critic: bool = True
+    # Whether v_ft starts equal to v_bc (and v_base) when neither a BC warm-up nor init_from sets it: TRQAM's trust
+    # region is measured from the prior, so it must start there; QAM's reference trains v_ft from its own init.
+    ft_starts_at_prior: bool = False
 
     def __init__(
         self,
@@ -52,6 +59,7 @@ class FlowAgent(pl.LightningModule):
         analytic_critic: bool = False,
         init_from: str | None = None,
         bc_warmup_steps: int = 0,
+        max_nonfinite_steps: int = 3,
     ) -> None:
         """
         Args:
@@ -73,6 +81,9 @@ class FlowAgent(pl.LightningModule):
             init_from: checkpoint whose v_bc initialises v_bc, v_base and v_ft (e.g. a BC run's); applied when a
                 fit starts from scratch, ignored when resuming with --ckpt_path (the checkpoint has every weight).
             bc_warmup_steps: train v_bc alone for this many steps, then copy it into v_base and v_ft.
+            max_nonfinite_steps: a step whose loss, path-KL estimate or gradient norm is NaN or inf is skipped
+                (weights, targets, lambda unchanged; counted in ``train/nonfinite_steps``); this many in a row stop
+                the run with an error naming the quantity.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -83,9 +94,14 @@ class FlowAgent(pl.LightningModule):
             )
         if flow_steps < 2:
             raise ValueError(f"flow_steps must be at least 2, got {flow_steps}")
+        if max_nonfinite_steps < 1:
+            raise ValueError(f"max_nonfinite_steps must be >= 1, got {max_nonfinite_steps}")
         self.v_bc = VelocityField(obs_dim, action_dim, actor_hidden_dims, actor_layer_norm)
         if self.uses_critic:
-            self.v_ft = VelocityField(obs_dim, action_dim, actor_hidden_dims, actor_layer_norm)
+            if self.ft_starts_at_prior:
+                self.v_ft = copy.deepcopy(self.v_bc)
+            else:
+                self.v_ft = VelocityField(obs_dim, action_dim, actor_hidden_dims, actor_layer_norm)
             self.v_base = self._frozen_copy(self.v_bc)
             self.critic = CriticEnsemble(obs_dim, action_dim, num_critics, critic_hidden_dims, critic_layer_norm)
             self.target_critic = self._frozen_copy(self.critic)
@@ -96,7 +112,15 @@ class FlowAgent(pl.LightningModule):
         self._policy_checked = False
         self.register_buffer("policy_from_bc", torch.tensor(not (self.uses_critic and bc_warmup_steps > 0)))
         self.eval_metrics = nn.ModuleDict({name: MeanMetric() for name in EVAL_METRICS})
-        self._last_kl: Tensor | None = None
+        # Seed of every random stream of the run (set from seed_everything at the start of a fit, then restored from
+        # checkpoints): a step's draws are a pure function of (seed, rank, global step), see trqam_lit.rng.
+        self.register_buffer("rng_seed", torch.tensor(-1, dtype=torch.int64))
+        self.register_buffer("nonfinite_steps", torch.tensor(0, dtype=torch.int64))  # skipped steps in all
+        self.register_buffer("nonfinite_run", torch.tensor(0, dtype=torch.int64))  # ... in a row, up to now
+        self._gen: torch.Generator | None = None
+        self._gen_step = -1
+        self._step_values: dict[str, Tensor] = {}  # this rank's losses and KL of the current step
+        self._update_kl: Tensor | None = None  # rank-averaged KL of an update that was applied
 
     @staticmethod
     def _frozen_copy(net: nn.Module) -> nn.Module:
@@ -109,7 +133,10 @@ class FlowAgent(pl.LightningModule):
         """Copy a checkpoint's v_bc into v_bc, v_base and v_ft (the start of fine-tuning)."""
         if not Path(path).is_file():
             raise FileNotFoundError(f"init_from checkpoint not found: {path}")
+        check_checkpoint_file(path)  # a truncated or foreign file: a message naming it, not a pickle traceback
         state = torch.load(path, map_location="cpu", weights_only=False)
+        if not isinstance(state, dict):
+            raise ValueError(f"init_from {path} is not a checkpoint (it holds a {type(state).__name__})")
         state = state.get("state_dict", state)
         bc = {k[len("v_bc.") :]: v for k, v in state.items() if k.startswith("v_bc.")}
         if not bc:
@@ -117,7 +144,7 @@ class FlowAgent(pl.LightningModule):
         try:
             self.v_bc.load_state_dict(bc)
         except RuntimeError as err:
-            raise ValueError(f"{path}: its v_bc does not match this model's shapes: {err}") from None
+            raise ValueError(f"init_from {path}: its v_bc does not match this model's shapes: {err}") from None
         self.copy_bc_into_policy()
 
     @torch.no_grad()
@@ -128,6 +155,15 @@ class FlowAgent(pl.LightningModule):
         self.policy_from_bc.fill_(True)
 
     def setup(self, stage: str) -> None:
+        if stage == "fit":
+            if self.trainer.accumulate_grad_batches != 1:
+                raise ValueError(
+                    f"trainer.accumulate_grad_batches={self.trainer.accumulate_grad_batches} is not supported: target "
+                    "updates, the dual step and the random streams are per update; raise data.init_args.batch_size "
+                    "(or use more devices) instead"
+                )
+            if int(self.rng_seed) < 0:  # a fresh fit; a resumed one gets the checkpoint's seed when it is restored
+                self.rng_seed.fill_(int(os.environ.get("PL_GLOBAL_SEED", 0)))
         if stage == "fit" and self.hparams.init_from and self.trainer.ckpt_path is None:
             self.load_bc_weights(self.hparams.init_from)
         if self.hparams.analytic_critic:
@@ -151,13 +187,30 @@ class FlowAgent(pl.LightningModule):
             return self.analytic_q
         return self.target_critic if target else self.critic
 
+    def seed_of(self, purpose: int, step: int | None = None) -> int:
+        """Seed of this rank's stream ``purpose`` (trqam_lit.rng) at a global step (default: the current one)."""
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        return fold_seed(max(int(self.rng_seed), 0), rank, self.global_step if step is None else step, purpose)
+
     def draw(self, name: str, *shape: int, uniform: bool = False) -> Tensor:
         """Every random draw of a training step goes through here (tests feed recorded draws by name).
 
-        Names: ``bc/x0``, ``bc/t`` (uniform), ``critic/next_noise``, ``am/x0``, ``am/eps``.
+        Names: ``bc/x0``, ``bc/t`` (uniform), ``critic/next_noise``, ``am/x0``, ``am/eps``. Draws come, in this
+        order, from a generator seeded with (seed, rank, global step): a resumed run repeats an uninterrupted one's
+        draws, and every DDP rank draws its own.
         """
+        if self._gen is None or self._gen.device != self.device:
+            self._gen = torch.Generator(device=self.device)
+            self._gen_step = -1
+        if self._gen_step != self.global_step:
+            self._gen.manual_seed(self.seed_of(TRAIN_NOISE))
+            self._gen_step = self.global_step
         fn = torch.rand if uniform else torch.randn
-        return fn(*shape, device=self.device, dtype=torch.float32)
+        return fn(*shape, device=self.device, dtype=torch.float32, generator=self._gen)
+
+    def record(self, **values: Tensor) -> None:
+        """Keep this step's losses and path-KL estimate (``kl``) for the finiteness check before the optimizer step."""
+        self._step_values.update({k: v.detach() for k, v in values.items()})
 
     def bc_loss(self, batch: dict[str, Tensor]) -> Tensor:
         s, a = batch["observations"], batch["actions"]
@@ -166,18 +219,19 @@ class FlowAgent(pl.LightningModule):
         return bc_flow_loss(self.v_bc, s, a, x0, t, batch["valid"])
 
     def critic_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """(L_Q, mean Q) with the next action from the current v_ft ODE; zero loss for an analytic critic."""
+        """(L_Q, Q(s, a) of every member, detached) with the next action from the current v_ft ODE; zero loss for
+        an analytic critic."""
         s, a = batch["observations"], batch["actions"]
         if self.analytic_q is not None:
             with torch.no_grad():
-                return torch.zeros((), device=a.device), self.analytic_q(s, a).float().mean()
+                return torch.zeros((), device=a.device), self.analytic_q(s, a).float()
         with torch.no_grad():
             s_next = batch["next_observations"]
             a_next = sample_actions(self.v_ft, s_next, self.draw("critic/next_noise", *a.shape), self.flow_steps)
             next_q = ensemble_pessimistic_value(self.target_critic(s_next, a_next), self.hparams.rho_q)
             y = td_target(batch["rewards"], batch["masks"], next_q, self.hparams.discount, self.hparams.horizon)
         q = self.critic(s, a)
-        return critic_loss(q, y, batch["valid"]), q.detach().float().mean()
+        return critic_loss(q, y, batch["valid"]), q.detach().float()
 
     def touch_unused(self, loss: Tensor, *modules: nn.Module) -> Tensor:
         """Adds 0 * params so DDP sees a gradient for networks a phase leaves idle (BC warm-up)."""
@@ -189,33 +243,75 @@ class FlowAgent(pl.LightningModule):
         return self.hparams.flow_steps
 
     # ---- optimizer-step hooks -------------------------------------------------------------------------------
+    # Lightning runs, within one optimizer step: training_step, backward (DDP all-reduces the gradients), AMP
+    # unscale, on_before_optimizer_step, configure_gradient_clipping, optimizer.step; then on_train_batch_end
+    # (callbacks first: the dual step, then ModelCheckpoint).
+    def on_before_optimizer_step(self, optimizer) -> None:
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        self.grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
+        values = self._step_values
+        self._step_values = {}
+        reduced: dict[str, Tensor] = {}
+        if names := sorted(values):
+            # One all-reduce: a NaN on any rank makes the mean NaN, so every rank takes the same decision.
+            means = self.trainer.strategy.reduce(torch.stack([values[k].float() for k in names]), reduce_op="mean")
+            reduced = dict(zip(names, means, strict=True))
+        if not bool(torch.isfinite(torch.stack([self.grad_norm.float(), *reduced.values()])).all()):
+            self._skip_update(optimizer, values, reduced)
+            return
+        self.nonfinite_run.zero_()
+        self._update_kl = reduced.get("kl")
+        # Targets mix the PRE-step online weights (the reference's one-step lag), so update them here.
+        if self.uses_critic and not self.in_bc_warmup:
+            polyak_update(self.target_critic, self.critic, self.hparams.tau)
+            polyak_update(self.v_base, self.v_bc, self.hparams.tau)
+
+    def _skip_update(self, optimizer, local: dict[str, Tensor], reduced: dict[str, Tensor]) -> None:
+        """No weight, Adam, target or dual update for this step (Adam skips parameters without a gradient)."""
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                p.grad = None
+        self._update_kl = None
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if scaler is not None and all(bool(torch.isfinite(v)) for v in reduced.values()):
+            return  # fp16: an overflow of the scaled gradients; the GradScaler lowers its scale and skips the step
+        self.nonfinite_steps += 1
+        self.nonfinite_run += 1
+        bad = [k for k, v in local.items() if not bool(torch.isfinite(v))]
+        if bad:
+            what = ", ".join(bad) + " on this rank"
+        else:
+            what = (
+                "gradient norm" if all(bool(torch.isfinite(v)) for v in reduced.values()) else "value on another rank"
+            )
+        warnings.warn(
+            f"step {self.global_step}: non-finite {what}; the update was skipped ({int(self.nonfinite_run)} in a row)",
+            stacklevel=2,
+        )
+        if int(self.nonfinite_run) >= self.hparams.max_nonfinite_steps:
+            raise FloatingPointError(
+                f"{int(self.nonfinite_run)} consecutive steps with a non-finite value (last: {what}, global step "
+                f"{self.global_step}); no weight, target or lambda was changed by them. Check the data for NaN/inf "
+                "rows, lower model.init_args.lr or model.init_args.grad_clip_norm, use precision 32 instead of "
+                "16-mixed, or resume from the last checkpoint with another seed; "
+                "model.init_args.max_nonfinite_steps sets how many skipped steps in a row are tolerated"
+            )
+
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        # One global clip over every trained parameter; grads are already unscaled (AMP) and all-reduced (DDP).
+        # One global clip over every trained parameter with the norm computed above (grads already all-reduced).
         if gradient_clip_val is not None:
             raise ValueError(
                 "trainer.gradient_clip_val is not used by trqam-lit agents: set model.init_args.grad_clip_norm "
                 "(one global norm clip over all trained parameters, 1.0 by default)"
             )
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        self.grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm=self.hparams.grad_clip_norm)
+        if params:
+            torch.nn.utils.clip_grads_with_norm_(params, self.hparams.grad_clip_norm, self.grad_norm)
 
-    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        super().optimizer_step(*args, **kwargs)
-        # Runs right after the optimizer step and before any callback's on_train_batch_end, so a checkpoint
-        # saved at this step already holds the matching lambda and KL average.
-        if self._last_kl is not None:
-            self.after_optimizer_step(self.trainer.strategy.reduce(self._last_kl, reduce_op="mean"))
-            self._last_kl = None
-
-    def after_optimizer_step(self, kl: Tensor) -> None:
-        """Hook for per-step state updates from the rank-averaged path-KL estimate (TRQAM: the dual step)."""
-        self.log("dual/kl", kl)
-
-    def on_before_optimizer_step(self, optimizer) -> None:
-        # Targets mix the PRE-step online weights (the reference's one-step lag), so update them here.
-        if self.uses_critic and not self.in_bc_warmup:
-            polyak_update(self.target_critic, self.critic, self.hparams.tau)
-            polyak_update(self.v_base, self.v_bc, self.hparams.tau)
+    def take_update_kl(self) -> Tensor | None:
+        """The rank-averaged path-KL estimate of the update just applied (None: no AM loss, or a skipped step)."""
+        kl, self._update_kl = self._update_kl, None
+        return kl
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if not self._policy_checked and not self.in_bc_warmup:  # one host read per run, not per step
@@ -227,6 +323,13 @@ class FlowAgent(pl.LightningModule):
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.log("train/grad_norm", self.grad_norm, on_step=True, prog_bar=False)
+        self.log("train/nonfinite_steps", self.nonfinite_steps.float(), on_step=True, prog_bar=False)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Checkpoints written before these buffers existed: the seed they ran with is unknown, take 0.
+        state = checkpoint.get("state_dict", {})
+        for name in ("rng_seed", "nonfinite_steps", "nonfinite_run"):
+            state.setdefault(name, torch.zeros((), dtype=torch.int64))
 
     # ---- acting and evaluation --------------------------------------------------------------------------------
     @property
@@ -256,8 +359,10 @@ class FlowAgent(pl.LightningModule):
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         world, rank = self.trainer.world_size, self.trainer.global_rank
-        # Episodes are sharded over ranks; torchmetrics averages the per-episode values across ranks.
-        values = self._evaluator.evaluate(self.act, rank=rank, world_size=world)
+        # Episodes are sharded over ranks; torchmetrics averages the per-episode values across ranks. The acting
+        # noise is its own stream, so an evaluation neither depends on nor disturbs the training draws.
+        with seeded(self.device, self.seed_of(EVAL_NOISE)):
+            values = self._evaluator.evaluate(self.act, rank=rank, world_size=world)
         for name, per_episode in values.items():
             metric = self.eval_metrics[name]
             metric.update(torch.as_tensor(per_episode, dtype=torch.float32, device=self.device))

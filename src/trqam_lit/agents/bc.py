@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from torch import Tensor
 
 from .base import FlowAgent
@@ -16,8 +14,6 @@ class BC(FlowAgent):
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         loss = self.bc_loss(batch)
-        self.log("train/bc_loss", loss, on_step=True, prog_bar=True)
+        self.log("actor/bc_loss", loss, on_step=True, prog_bar=True)
+        self.record(bc_loss=loss)
         return loss
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.log("train/grad_norm", self.grad_norm, on_step=True)

@@ -11,7 +11,10 @@ from .adjoint_matching import AdjointMatchingAgent
 
 
 class TRQAM(AdjointMatchingAgent):
-    """Trust Region Q-Adjoint Matching; lambda and its KL average are buffers stepped after each update."""
+    """Trust Region Q-Adjoint Matching; lambda and its KL average are buffers that the ``DualDescentStep`` callback
+    steps in ``on_train_batch_end`` after each applied update."""
+
+    ft_starts_at_prior = True  # the trust region is measured from the prior: v_ft, v_base and v_bc start equal
 
     def __init__(
         self,
@@ -51,11 +54,3 @@ class TRQAM(AdjointMatchingAgent):
     @property
     def adj_scale(self) -> float:
         return 1.0  # TRQAM: no temperature on the terminal adjoint
-
-    def after_optimizer_step(self, kl: Tensor) -> None:
-        # ``kl`` is already averaged over ranks, so lambda stays identical on every rank.
-        super().after_optimizer_step(kl)
-        if self.hparams.dual_update:
-            self.dual.step(kl)
-        self.log("dual/kl_ema", self.dual.kl_ema, prog_bar=True)
-        self.log("dual/lambda", self.dual.lam, prog_bar=True)

@@ -19,8 +19,8 @@ from trqam_lit.data.paths import dataset_name_for, expected_files, missing_datas
 from trqam_lit.data.replay import (
     DEFERRED_KEY,
     ReplayBuffer,
+    batch_rng,
     deferred_batch,
-    deferred_rng,
     draw_batch,
     is_deferred,
     rank_states,
@@ -86,7 +86,7 @@ class ShardCycler:
 
 
 class ChunkStream(IterableDataset):
-    """Infinite stream of chunk batches, seeded by (seed, rank, dataloader worker, start step).
+    """Infinite stream of chunk batches; the batch of global step k is drawn with ``batch_rng(seed, rank, k)``.
 
     Args:
         ref: handle on the table, replay buffer or shard cycler to sample from.
@@ -95,7 +95,8 @@ class ChunkStream(IterableDataset):
         discount: gamma of the H-step return.
         seed: base seed.
         rank: global rank, so each DDP rank draws a different stream.
-        start_step: global step the stream starts at (a resumed run continues with fresh draws and shard order).
+        start_step: global step the stream starts at (a resumed run continues with the batches and shard order of an
+            uninterrupted one).
         shard_steps: batches drawn from one shard before moving to the next.
     """
 
@@ -126,16 +127,17 @@ class ChunkStream(IterableDataset):
         return source
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        # The DataLoader takes batches from its workers in turn: worker w of W yields steps start + w, + W, ...
         info = get_worker_info()
-        worker = 0 if info is None else info.id
-        rng = np.random.default_rng([self.seed, self.rank, worker, self.start_step])
-        step = self.start_step
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        step = self.start_step + worker
         while True:
             if self.ref.defer_from is not None and step >= self.ref.defer_from:
                 yield deferred_batch(step)
             else:
+                rng = batch_rng(self.seed, self.rank, step)
                 yield draw_batch(self._source_at(step), rng, self.batch_size, self.horizon, self.discount)
-            step += 1
+            step += workers
 
 
 class OGBenchDataModule(L.LightningDataModule):
@@ -316,7 +318,7 @@ class OGBenchDataModule(L.LightningDataModule):
         source = self.replay_buffer if self.replay_buffer is not None else self._ref.source
         if isinstance(source, ShardCycler):
             source = source.get(rank + step // self.shard_steps)
-        rng = deferred_rng(self.seed, rank, step)
+        rng = batch_rng(self.seed, rank, step)
         return draw_batch(source, rng, self.batch_size, self.horizon, self.discount)
 
     def make_replay_buffer(self, capacity_extra: int) -> ReplayBuffer:

@@ -22,7 +22,8 @@ from trqam_lit.data.chunks import ChunkTable
 from trqam_lit.data.errors import DatasetFormatError, DatasetNotFoundError
 from trqam_lit.data.paths import env_id_for
 
-ACTION_CLIP = 1.0 - 1e-5
+# Dataset actions are clipped to this bound (as OGBench and the reference do); the policy clip is flow.ACTION_CLIP.
+DATASET_ACTION_LIMIT = 1.0 - 1e-5
 REQUIRED_KEYS = ("observations", "actions", "terminals", "qpos", "qvel")
 
 
@@ -151,7 +152,7 @@ def process_dataset(
     except (IndexError, ValueError) as e:
         raise DatasetFormatError(f"{source}: ogbench could not relabel it for {env_name} ({e})") from e
 
-    actions = np.clip(ds["actions"], -ACTION_CLIP, ACTION_CLIP).astype(np.float32, copy=False)
+    actions = np.clip(ds["actions"], -DATASET_ACTION_LIMIT, DATASET_ACTION_LIMIT).astype(np.float32, copy=False)
     rewards = ds["rewards"].astype(np.float32)
     if sparse:
         rewards = -(rewards != 0).astype(np.float32)

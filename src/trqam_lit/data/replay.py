@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from trqam_lit.data.chunks import ChunkTable, sample_chunks
-from trqam_lit.data.loading import ACTION_CLIP
+from trqam_lit.data.loading import DATASET_ACTION_LIMIT
 
 _ONLINE_KEYS = ("observations", "actions", "rewards", "masks", "terminals", "next_observations")
 DEFERRED_KEY = "deferred_step"
@@ -74,8 +74,9 @@ def state_for_rank(state_dict: dict[str, Any], trainer: Any = None) -> dict[str,
     return entry["ranks"][rank]
 
 
-def deferred_rng(seed: int, rank: int, step: int) -> np.random.Generator:
-    """Generator of the batch drawn for a deferred global step (a pure function of seed, rank and step)."""
+def batch_rng(seed: int, rank: int, step: int) -> np.random.Generator:
+    """Generator of the batch of one global step: a pure function of seed, rank and step, so a resumed run draws
+    the batches of an uninterrupted one, deferred (online) or not."""
     return np.random.default_rng([seed, rank, step, 1])
 
 
@@ -125,7 +126,7 @@ class ReplayBuffer:
         row = self.offline_size + self._head
         t = self._table
         t.observations[row] = observation
-        t.actions[row] = np.clip(action, -ACTION_CLIP, ACTION_CLIP)
+        t.actions[row] = np.clip(action, -DATASET_ACTION_LIMIT, DATASET_ACTION_LIMIT)
         t.rewards[row] = -float(reward != 0) if self.sparse else reward
         t.masks[row] = mask
         t.terminals[row] = float(terminal)
@@ -141,17 +142,11 @@ class ReplayBuffer:
         return sample_chunks(self._table, idx, horizon, discount, cut=cut)
 
     def state_dict(self) -> dict[str, Any]:
-        """Online transitions only, oldest first (tensors, so ``torch.load(weights_only=True)`` accepts them).
-
-        The newest saved transition is marked terminal: an episode in progress cannot be continued after a
-        restore (the simulator state is not saved), so the saved trajectory ends there and a resumed run starts
-        a new episode. The live buffer is not modified.
-        """
+        """Online transitions only, oldest first (tensors, so ``torch.load(weights_only=True)`` accepts them),
+        exactly as stored: the online phase replays the episode in progress on resume, so it continues."""
         start = self._head if self._online == self.capacity_extra else 0
         rows = self.offline_size + (start + np.arange(self._online)) % self.capacity_extra
         online = {k: torch.from_numpy(getattr(self._table, k)[rows]) for k in _ONLINE_KEYS}
-        if self._online:
-            online["terminals"][-1] = 1.0
         return {"offline_size": self.offline_size, "online": online}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
