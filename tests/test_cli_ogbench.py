@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 
@@ -19,8 +18,63 @@ SMALL = [
     "--data.init_args.eval_episodes=2",
     "--data.init_args.eval_envs=2",
 ]
-CONTRACT = ("critic/critic_loss", "actor/bc_loss", "actor/am_loss", "critic/q_mean", "dual/kl", "dual/kl_ema",
-            "dual/lambda", "eval/success", "eval/return", "eval/length")  # fmt: skip
+CONTRACT = ("critic/critic_loss", "critic/q_mean", "critic/q_min", "actor/bc_loss", "actor/am_loss", "actor/adj_max",
+            "dual/kl", "dual/kl_clipped", "dual/kl_ema", "dual/lambda", "train/grad_norm", "train/nonfinite_steps",
+            "eval/success", "eval/return", "eval/length")  # fmt: skip
+WARMUP, STEPS = 5, 12  # SMALL's bc_warmup_steps; the fixture run's max_steps (and val_check_interval)
+EPS_KL, ETA = 1.0, 0.01  # configs/quickstart.yaml's eps_kl; eta: TRQAM's default
+ENV_ID = "cube-single-singletask-task5-v0"  # the environment of quickstart.yaml's cube-single-play-... dataset
+# The dual step runs in float32 and TensorBoard stores float32; recomputed here in float64 from the logged values,
+# one step differs by the float32 roundings of its 3 operations and of 0.9 and 0.1 (2^-24 = 6e-8 relative each,
+# at most ~2e-7 together; measured <= 1.2e-7 over the 1500 steps of test_toy_bandit): allow 4e-7.
+F32 = 4e-7
+
+
+def run_dir(root, sub: str = "runs"):
+    (path,) = list((root / sub).glob("*/version_*"))
+    return path
+
+
+def spec_dual_step(lam: float, ema: float, kl: float, eps_kl: float, eta: float) -> tuple[float, float]:
+    """One projected dual-descent step as the spec (section 4) writes it, with TRQAM's default rho = 0.1, KL clip
+    2 eps_kl and lambda in [0.01, 100]; written out here rather than calling trqam_lit.dual, so that a change to that
+    code is caught. Returns (lambda, KL average)."""
+    ema = 0.9 * ema + 0.1 * min(kl, 2.0 * eps_kl)
+    return min(max(lam + eta * (ema - eps_kl), 0.01), 100.0), ema
+
+
+def assert_dual_descent(scalars, eps_kl: float, eta: float, steps) -> None:
+    """As in test_cli_toy.py: at every step in ``steps`` dual/kl_clipped = min(dual/kl, 2 eps_kl), and dual/kl_ema
+    and dual/lambda follow ``spec_dual_step`` fed with the logged KL from lambda = 1 and a KL average of 0, one step
+    at a time from the logged previous values (to F32)."""
+    kl, clipped, ema, lam = (dict(scalars[f"dual/{k}"]) for k in ("kl", "kl_clipped", "kl_ema", "lambda"))
+    assert sorted(kl) == sorted(clipped) == sorted(ema) == sorted(lam) == list(steps), sorted(kl)
+    prev_lam, prev_ema = 1.0, 0.0
+    for step in steps:
+        assert clipped[step] == pytest.approx(min(kl[step], 2 * eps_kl), rel=F32), (step, kl[step], clipped[step])
+        exp_lam, exp_ema = spec_dual_step(prev_lam, prev_ema, kl[step], eps_kl, eta)
+        assert ema[step] == pytest.approx(exp_ema, rel=F32), (step, ema[step], exp_ema)
+        assert lam[step] == pytest.approx(exp_lam, rel=F32), (step, lam[step], exp_lam)
+        prev_lam, prev_ema = lam[step], ema[step]
+
+
+def assert_cube_single_evaluation(scalars) -> None:
+    """Each logged evaluation (means over the episodes) is one that cube-single can produce.
+
+    Single-task cube envs reward (#cubes at the goal) - (#cubes) for the state before the action (success_timing
+    'pre', /work/shared/spec/data.md) and end the episode at success: with one cube every step of an episode pays -1
+    except the step taken from the goal state, which pays 0 and ends it. So per episode return = success - length,
+    and so for the means; success in [0, 1]; length in [1, the env's time limit].
+    """
+    import gymnasium
+    import ogbench  # noqa: F401  (registers the environments)
+
+    max_steps = gymnasium.spec(ENV_ID).max_episode_steps  # the TimeLimit: 200 for cube-single (data.md)
+    success, ret, length = (scalars[f"eval/{k}"] for k in ("success", "return", "length"))
+    assert [s for s, _ in success] == [s for s, _ in ret] == [s for s, _ in length]
+    for (_, succ), (_, r), (_, n) in zip(success, ret, length, strict=True):
+        assert 0.0 <= succ <= 1.0 and 1.0 <= n <= max_steps, (succ, n)
+        assert r == pytest.approx(succ - n, abs=1e-4), (r, succ, n)
 
 
 @pytest.fixture(scope="module")
@@ -33,13 +87,22 @@ def fixture_run(tmp_path_factory):
 
 def test_fit_on_the_fixture_logs_the_scalar_contract(fixture_run):
     root, proc = fixture_run
-    (log_dir,) = list((root / "runs").glob("*/version_*"))
-    scalars = read_scalars(log_dir)
+    scalars = read_scalars(run_dir(root))
     for tag in CONTRACT:
         assert tag in scalars, f"{tag} missing; have {sorted(scalars)}"
         assert all(math.isfinite(v) for _, v in scalars[tag]), tag
     assert "perf/steps_per_sec" in scalars
-    assert any(name.startswith("events.out.tfevents") for name in os.listdir(log_dir))
+    assert all(v == 0.0 for _, v in scalars["train/nonfinite_steps"])  # no update was skipped
+    fine_tuning = range(WARMUP, STEPS)  # every update after the BC warm-up, logged at step global_step - 1
+    q_mean = dict(scalars["critic/q_mean"])
+    assert sorted(q_mean) == list(fine_tuning)
+    assert all(q_min <= q_mean[s] for s, q_min in scalars["critic/q_min"])
+    # Fine-tuning starts at the prior (v_ft = v_base = v_bc after the warm-up): the first path-KL estimate is 0
+    assert scalars["dual/kl"][0] == (WARMUP, 0.0)
+    assert_dual_descent(scalars, EPS_KL, ETA, fine_tuning)
+    # one evaluation: at the end, which is also the val_check_interval (logged at global_step - 1)
+    assert [s for s, _ in scalars["eval/success"]] == [STEPS - 1]
+    assert_cube_single_evaluation(scalars)
     assert "tensorboard --logdir" in proc.stdout
 
 
@@ -49,7 +112,9 @@ def test_validate_a_saved_policy_on_the_fixture(fixture_run):
     proc = run_cli(["validate", "--config", QUICK, "--ckpt_path", str(ckpt), *SMALL,
                     f"--trainer.logger.init_args.save_dir={root / 'val'}"], cwd=root)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "eval/success" in proc.stdout
+    scalars = read_scalars(run_dir(root, "val"))
+    assert len(scalars["eval/success"]) == 1  # one evaluation of the 2 episodes
+    assert_cube_single_evaluation(scalars)
 
 
 ALL_CONFIGS = sorted(p for p in CONFIGS.rglob("*.yaml") if p.parent.name != "trainer")

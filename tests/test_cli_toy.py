@@ -13,20 +13,85 @@ import torch
 
 from helpers import CONFIGS, fast_trainer_args, read_scalars, run_cli
 from trqam_lit.dual import dual_step
+from trqam_lit.flow import sample_actions
+from trqam_lit.rng import EVAL_NOISE, seeded
 
 TOY = str(CONFIGS / "toy" / "bandit.yaml")
 SMALL = ["--model.init_args.bc_warmup_steps=10", "--data.init_args.eval_samples=200", "--data.init_args.batch_size=64"]
+WARMUP, EVAL_SAMPLES = 10, 200  # as set by SMALL
+EPS_KL, ETA, C = 0.01, 0.1, 3.0  # configs/toy/bandit.yaml: model eps_kl and eta, data c (reward 3a)
+FIT_STEPS = 30  # the toy_run fixture's max_steps
+# The dual step runs in float32 and TensorBoard stores float32; recomputed here in float64 from the logged values,
+# one step differs by the float32 roundings of its 3 operations and of 0.9 and 0.1 (2^-24 = 6e-8 relative each,
+# at most ~2e-7 together; measured <= 1.2e-7 over the 1500 steps of test_toy_bandit): allow 4e-7.
+F32 = 4e-7
 
 
-def run_dir(root) -> str:
-    (path,) = list((root / "runs").glob("*/version_*"))
+def run_dir(root, sub: str = "runs") -> str:
+    (path,) = list((root / sub).glob("*/version_*"))
     return path
+
+
+def spec_dual_step(lam: float, ema: float, kl: float, eps_kl: float, eta: float) -> tuple[float, float]:
+    """One projected dual-descent step as the spec (section 4) writes it, with TRQAM's default rho = 0.1, KL clip
+    2 eps_kl and lambda in [0.01, 100]; written out here rather than calling trqam_lit.dual, so that a change to that
+    code is caught. Returns (lambda, KL average)."""
+    ema = 0.9 * ema + 0.1 * min(kl, 2.0 * eps_kl)
+    return min(max(lam + eta * (ema - eps_kl), 0.01), 100.0), ema
+
+
+def assert_dual_descent(scalars, eps_kl: float, eta: float, steps) -> None:
+    """Logged at every step in ``steps`` (one per applied update, at global_step - 1): dual/kl_clipped is
+    min(dual/kl, 2 eps_kl), and dual/kl_ema and dual/lambda follow ``spec_dual_step`` fed with the logged KL from
+    lambda = lam_init = 1 and a KL average of 0, one step at a time from the logged previous values (to F32)."""
+    kl, clipped, ema, lam = (dict(scalars[f"dual/{k}"]) for k in ("kl", "kl_clipped", "kl_ema", "lambda"))
+    assert sorted(kl) == sorted(clipped) == sorted(ema) == sorted(lam) == list(steps), sorted(kl)
+    prev_lam, prev_ema = 1.0, 0.0
+    for step in steps:
+        assert clipped[step] == pytest.approx(min(kl[step], 2 * eps_kl), rel=F32), (step, kl[step], clipped[step])
+        exp_lam, exp_ema = spec_dual_step(prev_lam, prev_ema, kl[step], eps_kl, eta)
+        assert ema[step] == pytest.approx(exp_ema, rel=F32), (step, ema[step], exp_ema)
+        assert lam[step] == pytest.approx(exp_lam, rel=F32), (step, lam[step], exp_lam)
+        prev_lam, prev_ema = lam[step], ema[step]
+
+
+def checkpoint_eval_returns(ckpt, step: int) -> dict[str, float]:
+    """The toy evaluation's return of the checkpoint's v_ft and of its v_bc, both from the acting noise that an
+    evaluation at global step ``step`` draws (trqam_lit.rng: seeded by (seed, rank, step); what FlowAgent.act draws)."""
+    from trqam_lit.agents import TRQAM
+
+    model = TRQAM.load_from_checkpoint(ckpt, map_location="cpu")
+    with seeded(torch.device("cpu"), model.seed_of(EVAL_NOISE, step)):
+        noise = torch.randn(EVAL_SAMPLES, 1)
+    obs = torch.zeros(EVAL_SAMPLES, 1)
+    return {
+        net: C * sample_actions(getattr(model, net), obs, noise, model.flow_steps).mean().item()
+        for net in ("v_ft", "v_bc")
+    }
+
+
+def assert_evaluates_v_ft(log_dir, ckpt) -> None:
+    """`validate` and `test` log one toy evaluation, and it is the checkpoint's fine-tuned policy v_ft's."""
+    scalars = read_scalars(log_dir)
+    ((step, ret),) = scalars["eval/return"]
+    ((_, mean),) = scalars["eval/action_mean"]
+    assert scalars["eval/length"] == [(step, 1.0)]  # a bandit episode is one step
+    assert ret == pytest.approx(C * mean, rel=1e-5, abs=1e-6)  # reward c a (1-D): return = c * action mean
+    # Outside `fit` Lightning restores the weights but not the loop's step count: validate/test evaluate (and log)
+    # at global step 0, so their acting noise is step 0's, not that of the fit's final evaluation (step 30; the
+    # two differ by Monte Carlo error: 0.48 and 0.45 here). The step-0 noise through the checkpoint's v_ft gives
+    # the value again: the same float32 operations on the same CPU; only the metric's summation order differs,
+    # so rel 1e-5.
+    assert step == 0
+    expected = checkpoint_eval_returns(ckpt, step)
+    assert ret == pytest.approx(expected["v_ft"], rel=1e-5, abs=1e-6), (ret, expected)
+    assert abs(expected["v_bc"] - expected["v_ft"]) > 0.05, expected  # so the check tells v_ft from v_bc
 
 
 @pytest.fixture(scope="module")
 def toy_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("toy")
-    proc = run_cli(["fit", "--config", TOY, *fast_trainer_args(root, 30, 15), *SMALL], cwd=root)
+    proc = run_cli(["fit", "--config", TOY, *fast_trainer_args(root, FIT_STEPS, 15), *SMALL], cwd=root)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return root, proc
 
@@ -34,13 +99,33 @@ def toy_run(tmp_path_factory):
 def test_fit_logs_every_scalar_finite(toy_run):
     root, proc = toy_run
     scalars = read_scalars(run_dir(root))
-    for tag in ("critic/critic_loss", "actor/bc_loss", "actor/am_loss", "critic/q_mean", "dual/kl", "dual/kl_ema",
-                "dual/lambda", "eval/return", "eval/action_mean", "eval/length", "perf/steps_per_sec",
-                "train/grad_norm"):  # fmt: skip
+    for tag in ("critic/critic_loss", "critic/q_mean", "critic/q_min", "actor/bc_loss", "actor/am_loss",
+                "actor/adj_max", "dual/kl", "dual/kl_clipped", "dual/kl_ema", "dual/lambda", "eval/return",
+                "eval/action_mean", "eval/length", "perf/steps_per_sec", "train/grad_norm",
+                "train/nonfinite_steps"):  # fmt: skip
         assert tag in scalars, f"{tag} missing; have {sorted(scalars)}"
         assert all(math.isfinite(v) for _, v in scalars[tag]), tag
-    # evaluated at the interval (step 15) and once more at the end (step 30)
-    assert len(scalars["eval/return"]) == 2
+    # log_every_n_steps=1: every update is logged at step global_step - 1; the critic and actor terms after the
+    # BC warm-up only
+    fine_tuning = list(range(WARMUP, FIT_STEPS))
+    assert [s for s, _ in scalars["actor/bc_loss"]] == list(range(FIT_STEPS))
+    for tag in ("critic/critic_loss", "critic/q_mean", "critic/q_min", "actor/am_loss", "actor/adj_max"):
+        assert [s for s, _ in scalars[tag]] == fine_tuning, tag
+    assert all(v == 0.0 for _, v in scalars["train/nonfinite_steps"])  # no update was skipped
+    assert all(v == 0.0 for _, v in scalars["critic/critic_loss"])  # the analytic critic is fixed: no critic loss
+    q_mean = dict(scalars["critic/q_mean"])
+    assert all(q_min <= q_mean[s] for s, q_min in scalars["critic/q_min"])
+    # The terminal adjoint of Q(a) = c a is -c for every action inside the [-1, 1] clip (TRQAM: no temperature)
+    assert all(v == pytest.approx(C) for _, v in scalars["actor/adj_max"]), scalars["actor/adj_max"][:3]
+    # Fine-tuning starts at the prior (v_ft = v_base = v_bc after the warm-up): the first path-KL estimate is 0
+    assert scalars["dual/kl"][0] == (WARMUP, 0.0)
+    assert_dual_descent(scalars, EPS_KL, ETA, fine_tuning)
+    assert any(v > 2 * EPS_KL for _, v in scalars["dual/kl"])  # the clip is exercised, not only the pass-through
+    # evaluated at the interval (step 15) and once more at the end (step 30), logged at global_step - 1
+    assert [s for s, _ in scalars["eval/return"]] == [14, 29]
+    assert all(v == 1.0 for _, v in scalars["eval/length"])  # a bandit episode is one step
+    for (_, ret), (_, mean) in zip(scalars["eval/return"], scalars["eval/action_mean"], strict=True):
+        assert ret == pytest.approx(C * mean, rel=1e-5, abs=1e-6)  # reward c a (1-D): return = c * action mean
     assert "TensorBoard logs:" in proc.stdout and "tensorboard --logdir" in proc.stdout
     assert "last.ckpt" in proc.stdout
 
@@ -51,7 +136,11 @@ def test_validate_evaluates_the_saved_checkpoint(toy_run):
     proc = run_cli(["validate", "--config", TOY, "--ckpt_path", str(ckpt), *SMALL,
                     f"--trainer.logger.init_args.save_dir={root / 'val'}"], cwd=root)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "eval/return" in proc.stdout
+    assert_evaluates_v_ft(run_dir(root, "val"), ckpt)
+    # and the fit's final evaluation (global step 30) was of the policy this checkpoint holds: its v_ft with the
+    # noise of step 30 gives the logged value again (same argument and tolerance as in assert_evaluates_v_ft)
+    ret = dict(read_scalars(run_dir(root))["eval/return"])[FIT_STEPS - 1]
+    assert ret == pytest.approx(checkpoint_eval_returns(ckpt, FIT_STEPS)["v_ft"], rel=1e-5, abs=1e-6)
 
 
 def test_print_config_resolves_links_and_classes(tmp_path):
@@ -69,13 +158,29 @@ def test_wrong_key_gives_a_clear_error(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-def test_bf16_mixed_trains_without_nan(tmp_path):
-    proc = run_cli(["fit", "--config", TOY, *fast_trainer_args(tmp_path, 20, 20), *SMALL,
+def test_bf16_mixed_trains_without_nan(tmp_path, toy_run):
+    steps = 20
+    proc = run_cli(["fit", "--config", TOY, *fast_trainer_args(tmp_path, steps, steps), *SMALL,
                     "--trainer.precision=bf16-mixed"], cwd=tmp_path)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     scalars = read_scalars(run_dir(tmp_path))
     for tag in ("actor/am_loss", "actor/bc_loss", "dual/kl", "dual/lambda", "eval/return"):
         assert all(math.isfinite(v) for _, v in scalars[tag]), tag
+    assert all(v == 0.0 for _, v in scalars["train/nonfinite_steps"])  # no update was skipped
+    # lambda and the KL average stay float32 buffers, stepped outside autocast: the recursion holds to rounding
+    assert_dual_descent(scalars, EPS_KL, ETA, range(WARMUP, steps))
+    # The float32 toy_run draws the same batches and noise for its first 20 steps (streams keyed by seed, rank and
+    # step; its evaluation at step 15 has its own stream), so bf16 must track it. Tolerance 2^-6: bf16 keeps 8
+    # significant bits (unit roundoff u = 2^-9 = 0.2%); the losses and the path KL are batch means of float32-
+    # accumulated terms, so the roundings average out and 10 fine-tuning steps compound them only mildly: measured
+    # <= 0.02% (BC loss), <= 0.18% (path KL, AM loss); 2^-6 = 8u = 1.6% leaves a margin of ~9.
+    fp32 = read_scalars(run_dir(toy_run[0]))
+    for tag in ("actor/bc_loss", "actor/am_loss", "dual/kl"):
+        ref = dict(fp32[tag])
+        for step, value in scalars[tag]:
+            assert value == pytest.approx(ref[step], rel=2.0**-6, abs=1e-6), (tag, step, value, ref[step])
+    ref = dict(fp32["actor/bc_loss"])
+    assert any(value != ref[step] for step, value in scalars["actor/bc_loss"])  # and bf16 did run
 
 
 def test_killed_run_resumes_lambda_kl_average_and_step_exactly(tmp_path):
@@ -201,4 +306,4 @@ def test_test_subcommand_runs_the_evaluation(toy_run):
     proc = run_cli(["test", "--config", TOY, "--ckpt_path", str(ckpt), *SMALL,
                     f"--trainer.logger.init_args.save_dir={root / 'test'}"], cwd=root)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "eval/return" in proc.stdout
+    assert_evaluates_v_ft(run_dir(root, "test"), ckpt)
