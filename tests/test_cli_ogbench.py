@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from helpers import CONFIGS, fast_trainer_args, read_scalars, run_cli
+from helpers import CONFIGS, assert_dual_descent, fast_trainer_args, read_scalars, run_cli, run_dir
 from trqam_lit.cli import build_cli
 
 QUICK = str(CONFIGS / "quickstart.yaml")
@@ -24,45 +24,13 @@ CONTRACT = ("critic/critic_loss", "critic/q_mean", "critic/q_min", "actor/bc_los
 WARMUP, STEPS = 5, 12  # SMALL's bc_warmup_steps; the fixture run's max_steps (and val_check_interval)
 EPS_KL, ETA = 1.0, 0.01  # configs/quickstart.yaml's eps_kl; eta: TRQAM's default
 ENV_ID = "cube-single-singletask-task5-v0"  # the environment of quickstart.yaml's cube-single-play-... dataset
-# The dual step runs in float32 and TensorBoard stores float32; recomputed here in float64 from the logged values,
-# one step differs by the float32 roundings of its 3 operations and of 0.9 and 0.1 (2^-24 = 6e-8 relative each,
-# at most ~2e-7 together; measured <= 1.2e-7 over the 1500 steps of test_toy_bandit): allow 4e-7.
-F32 = 4e-7
-
-
-def run_dir(root, sub: str = "runs"):
-    (path,) = list((root / sub).glob("*/version_*"))
-    return path
-
-
-def spec_dual_step(lam: float, ema: float, kl: float, eps_kl: float, eta: float) -> tuple[float, float]:
-    """One projected dual-descent step as the spec (section 4) writes it, with TRQAM's default rho = 0.1, KL clip
-    2 eps_kl and lambda in [0.01, 100]; written out here rather than calling trqam_lit.dual, so that a change to that
-    code is caught. Returns (lambda, KL average)."""
-    ema = 0.9 * ema + 0.1 * min(kl, 2.0 * eps_kl)
-    return min(max(lam + eta * (ema - eps_kl), 0.01), 100.0), ema
-
-
-def assert_dual_descent(scalars, eps_kl: float, eta: float, steps) -> None:
-    """As in test_cli_toy.py: at every step in ``steps`` dual/kl_clipped = min(dual/kl, 2 eps_kl), and dual/kl_ema
-    and dual/lambda follow ``spec_dual_step`` fed with the logged KL from lambda = 1 and a KL average of 0, one step
-    at a time from the logged previous values (to F32)."""
-    kl, clipped, ema, lam = (dict(scalars[f"dual/{k}"]) for k in ("kl", "kl_clipped", "kl_ema", "lambda"))
-    assert sorted(kl) == sorted(clipped) == sorted(ema) == sorted(lam) == list(steps), sorted(kl)
-    prev_lam, prev_ema = 1.0, 0.0
-    for step in steps:
-        assert clipped[step] == pytest.approx(min(kl[step], 2 * eps_kl), rel=F32), (step, kl[step], clipped[step])
-        exp_lam, exp_ema = spec_dual_step(prev_lam, prev_ema, kl[step], eps_kl, eta)
-        assert ema[step] == pytest.approx(exp_ema, rel=F32), (step, ema[step], exp_ema)
-        assert lam[step] == pytest.approx(exp_lam, rel=F32), (step, lam[step], exp_lam)
-        prev_lam, prev_ema = lam[step], ema[step]
 
 
 def assert_cube_single_evaluation(scalars) -> None:
     """Each logged evaluation (means over the episodes) is one that cube-single can produce.
 
     Single-task cube envs reward (#cubes at the goal) - (#cubes) for the state before the action (success_timing
-    'pre', /work/shared/spec/data.md) and end the episode at success: with one cube every step of an episode pays -1
+    'pre', spec data.md) and end the episode at success: with one cube every step of an episode pays -1
     except the step taken from the goal state, which pays 0 and ends it. So per episode return = success - length,
     and so for the means; success in [0, 1]; length in [1, the env's time limit].
     """
