@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from .flow import ACTION_CLIP, VelocityFn
+from .nets import VelocityField
 from .sde import FlowSDE, Solver, flow_time_grid, memoryless_drift, memoryless_g, path_kl_estimate, rollout
 
 QFn = Callable[[Tensor, Tensor], Tensor]  # (s, a) -> Q values, (E, B) for an ensemble or (B,)
@@ -40,14 +41,24 @@ def lean_adjoint(v_base: VelocityFn, s: Tensor, xs: Tensor, adj_final: Tensor) -
     """Backward recursion adj_i = adj_{i+1} + h J_i^T adj_{i+1}, i = K-1..0; returns adj_0..adj_{K-1}, (K, B, A).
 
     J_i = d/dx [2 v_base(s, x, t_i + h) - x / (t_i + h)] at x = x_i (state x_i, time one step later), one
-    vector-Jacobian product per step. ``xs`` is the rollout's K+1 states x_0..x_K (K is read from its length;
-    x_K itself is not used).
+    vector-Jacobian product per step (for a :class:`VelocityField`, matmuls through its linearisation at all K
+    points, computed in one batched pass; any other callable goes through autograd). ``xs`` is the rollout's K+1
+    states x_0..x_K (K is read from its length; x_K itself is not used).
     """
     K = xs.shape[0] - 1
     h = 1.0 / K
     t_shift = flow_time_grid(K, device=xs.device) + h
     adj = adj_final.float()
     adjs = [None] * K
+    if isinstance(v_base, VelocityField):
+        # The Jacobians do not depend on the adjoint: linearise v_base at all K points in one batched forward pass,
+        # then each step's VJP is a chain of matmuls (no per-step forward, no autograd graph).
+        jac = v_base.linearize(s, xs[:K].detach().float(), t_shift.reshape(K, 1, 1))
+        for i in range(K - 1, -1, -1):
+            jt_adj = 2.0 * jac.vjp(i, adj).float() - adj / t_shift[i]
+            adj = adj + h * jt_adj
+            adjs[i] = adj
+        return torch.stack(adjs)
     for i in range(K - 1, -1, -1):
         with torch.enable_grad():
             x = xs[i].detach().float().requires_grad_(True)

@@ -59,11 +59,10 @@ class DualDescentStep(pl.Callback):
         kl = pl_module.take_update_kl()
         if kl is None:
             return
-        pl_module.log("dual/kl", kl)
+        values = {"dual/kl": kl}
         dual = getattr(pl_module, "dual", None)
-        if dual is None:
-            return
-        if pl_module.hparams.dual_update:
-            pl_module.log("dual/kl_clipped", dual.step(kl))
-        pl_module.log("dual/kl_ema", dual.kl_ema, prog_bar=True)
-        pl_module.log("dual/lambda", dual.lam, prog_bar=True)
+        if dual is not None:
+            if pl_module.hparams.dual_update:
+                values["dual/kl_clipped"] = dual.step(kl)
+            values.update({"dual/kl_ema": dual.kl_ema, "dual/lambda": dual.lam})
+        pl_module.log_step(values, prog_bar=["dual/kl_ema", "dual/lambda"])

@@ -16,9 +16,87 @@ from torch import Tensor, nn
 LAYER_NORM_EPS = 1e-6
 
 
+# GELU(tanh) written as x * sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3): the same function (0.5 (1 + tanh u) =
+# sigmoid(2u)), within 5e-7 of torch's kernel, and about 1.7x faster on CPU, whose tanh is slow.
+_GELU_C1 = 2.0 * math.sqrt(2.0 / math.pi)
+_GELU_C3 = _GELU_C1 * 0.044715
+
+
+def gelu_tanh_gate(x: Tensor) -> Tensor:
+    """sigmoid(2u) = 0.5 (1 + tanh u), so that gelu_tanh(x) = x * gate (a new tensor)."""
+    u = x * x
+    u.mul_(_GELU_C3).add_(_GELU_C1).mul_(x)
+    return torch.sigmoid_(u)
+
+
+def gelu_tanh_derivative(x: Tensor, gate: Tensor) -> Tensor:
+    """d gelu_tanh / dx = gate + x gate (1 - gate) 2u'(x) from the gate (a new tensor)."""
+    d = x * x
+    d.mul_(3.0 * _GELU_C3).add_(_GELU_C1).mul_(x).mul_(1.0 - gate).add_(1.0)
+    return d.mul_(gate)
+
+
+class _GeluTanh(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        gate = gelu_tanh_gate(x)
+        ctx.save_for_backward(x, gate)
+        return x * gate
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> Tensor:
+        x, gate = ctx.saved_tensors
+        return grad * gelu_tanh_derivative(x, gate)
+
+
 def gelu_tanh(x: Tensor) -> Tensor:
     """GELU with the tanh approximation (flax's ``nn.gelu`` default, used by the reference)."""
-    return F.gelu(x, approximate="tanh")
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _GeluTanh.apply(x)
+    return gelu_tanh_gate(x).mul_(x)
+
+
+def layer_norm_vjp(grad: Tensor, x_hat: Tensor, rstd: Tensor, weight: Tensor) -> Tensor:
+    """Input gradient of LayerNorm y = x_hat * weight + bias, x_hat = (x - mean) * rstd, given dL/dy."""
+    gy = grad * weight
+    return rstd * (gy - gy.mean(-1, keepdim=True) - x_hat * (gy * x_hat).mean(-1, keepdim=True))
+
+
+class MLPLinearization:
+    """The input Jacobian of an MLP at a stack of points, for vector-Jacobian products one slice at a time.
+
+    Built by one batched forward pass over leading dims (K, B); :meth:`vjp` then costs a few matmuls per slice
+    and no autograd graph (the lean adjoint's K sequential VJPs at K x B points).
+    """
+
+    def __init__(self, mlp: MLP, x: Tensor, in_cols: slice) -> None:
+        self.mlp, self.in_cols = mlp, in_cols
+        self.layers: list[tuple[Tensor, Tensor | None, Tensor | None]] = []  # (gelu', x_hat, rstd) per hidden layer
+        with torch.no_grad():
+            for i, lin in enumerate(mlp.hidden):
+                pre = lin(x)
+                gate = gelu_tanh_gate(pre)
+                dact = gelu_tanh_derivative(pre, gate)
+                x = gate.mul_(pre)
+                x_hat = rstd = None
+                if mlp.norms is not None:
+                    var, mean = torch.var_mean(x.float(), dim=-1, keepdim=True, correction=0)
+                    rstd = torch.rsqrt(var + mlp.norms[i].eps)
+                    x_hat = (x.float() - mean) * rstd
+                    x = x_hat * mlp.norms[i].weight + mlp.norms[i].bias
+                self.layers.append((dact, x_hat, rstd))
+
+    @torch.no_grad()
+    def vjp(self, index: int, grad: Tensor) -> Tensor:
+        """grad^T d mlp(x[index]) / d x[index][..., in_cols] for the slice ``index`` of the leading dim."""
+        g = grad.to(self.mlp.out.weight.dtype) @ self.mlp.out.weight
+        for i in range(len(self.layers) - 1, -1, -1):
+            dact, x_hat, rstd = self.layers[i]
+            if x_hat is not None:
+                g = layer_norm_vjp(g, x_hat[index], rstd[index], self.mlp.norms[i].weight)
+            g = (g * dact[index]) @ (self.mlp.hidden[i].weight if i else self.mlp.hidden[0].weight[:, self.in_cols])
+        return g
 
 
 class MLP(nn.Module):
@@ -62,6 +140,12 @@ class VelocityField(nn.Module):
         t = x.new_full((*lead, 1), float(t)) if not torch.is_tensor(t) else t.to(x.dtype).expand(*lead, 1)
         s = s.to(x.dtype).expand(*lead, s.shape[-1])
         return self.mlp(torch.cat([s, x, t], dim=-1))
+
+    def linearize(self, s: Tensor, x: Tensor, t: Tensor) -> MLPLinearization:
+        """The Jacobian d v / d x at the points (s, x, t) (leading dims of ``x``), for slice-wise VJPs."""
+        lead = x.shape[:-1]
+        inp = torch.cat([s.to(x.dtype).expand(*lead, s.shape[-1]), x, t.to(x.dtype).expand(*lead, 1)], dim=-1)
+        return MLPLinearization(self.mlp, inp, slice(self.obs_dim, self.obs_dim + self.action_dim))
 
 
 class EnsembleLinear(nn.Module):

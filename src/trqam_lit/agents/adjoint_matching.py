@@ -42,16 +42,17 @@ class AdjointMatchingAgent(FlowAgent):
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         bc = self.bc_loss(batch)
-        self.log("actor/bc_loss", bc, on_step=True, prog_bar=True)
         if self.in_bc_warmup:
+            self.log_step({"actor/bc_loss": bc}, prog_bar=["actor/bc_loss"])
             self.record(bc_loss=bc)
             return self.touch_unused(bc, self.v_ft, self.critic)
         q_loss, q = self.critic_loss(batch)
         am = self.actor_objective(batch["observations"], batch["actions"].shape[0])
-        self.log_dict({
-            "critic/critic_loss": q_loss, "critic/q_mean": q.mean(), "critic/q_min": q.min(),
-            "actor/am_loss": am.loss.detach(), "actor/adj_max": am.adj_final.abs().max(),
-        })  # fmt: skip
+        if self.logging_this_step:
+            self.log_step({
+                "actor/bc_loss": bc, "critic/critic_loss": q_loss, "critic/q_mean": q.mean(), "critic/q_min": q.min(),
+                "actor/am_loss": am.loss.detach(), "actor/adj_max": am.adj_final.abs().max(),
+            }, prog_bar=["actor/bc_loss"])  # fmt: skip
         loss = q_loss + bc + am.loss
         # checked for NaN/inf before the optimizer step; the KL feeds the dual step once the update is applied
         self.record(critic_loss=q_loss, bc_loss=bc, am_loss=am.loss, kl=am.path_kl)

@@ -174,7 +174,12 @@ class FlowAgent(pl.LightningModule):
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
-        return torch.optim.Adam(params, lr=self.hparams.lr)
+        # The fused kernel: one pass over all parameters instead of ~10 small ops per tensor (4.7 -> 1 ms per step on
+        # CPU at the CPU-small shapes); the same update up to float rounding. Not under fp16's GradScaler: Lightning
+        # leaves the unscaling to a fused optimizer, so the finiteness check and the clip would see scaled gradients.
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None) if self._trainer is not None else None
+        fused = (self.device.type in ("cpu", "cuda") and scaler is None) or None
+        return torch.optim.Adam(params, lr=self.hparams.lr, fused=fused)
 
     # ---- training step helpers ----------------------------------------------------------------------------
     @property
@@ -207,6 +212,25 @@ class FlowAgent(pl.LightningModule):
             self._gen_step = self.global_step
         fn = torch.rand if uniform else torch.randn
         return fn(*shape, device=self.device, dtype=torch.float32, generator=self._gen)
+
+    @property
+    def logging_this_step(self) -> bool:
+        """Whether Lightning writes this step's scalars (every ``trainer.log_every_n_steps`` steps).
+
+        Each ``self.log`` costs about 1 ms of Lightning bookkeeping (a fifth of a small step on CPU), so per-step
+        scalars are computed and handed to Lightning only on the steps its loggers write; the progress bar shows
+        them at that rate too.
+        """
+        if self._trainer is None:
+            return False
+        trainer = self.trainer
+        return bool(trainer.fast_dev_run) or trainer._logger_connector.should_update_logs
+
+    def log_step(self, values: dict[str, Tensor], prog_bar: Sequence[str] = ()) -> None:
+        """Log per-step scalars (on a logging step; see :attr:`logging_this_step`)."""
+        if self.logging_this_step:
+            for name, value in values.items():
+                self.log(name, value, on_step=True, on_epoch=False, prog_bar=name in prog_bar)
 
     def record(self, **values: Tensor) -> None:
         """Keep this step's losses and path-KL estimate (``kl``) for the finiteness check before the optimizer step."""
@@ -322,8 +346,7 @@ class FlowAgent(pl.LightningModule):
             self._policy_checked = True
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.log("train/grad_norm", self.grad_norm, on_step=True, prog_bar=False)
-        self.log("train/nonfinite_steps", self.nonfinite_steps.float(), on_step=True, prog_bar=False)
+        self.log_step({"train/grad_norm": self.grad_norm, "train/nonfinite_steps": self.nonfinite_steps.float()})
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Checkpoints written before these buffers existed: the seed they ran with is unknown, take 0.

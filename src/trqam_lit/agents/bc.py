@@ -14,6 +14,6 @@ class BC(FlowAgent):
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         loss = self.bc_loss(batch)
-        self.log("actor/bc_loss", loss, on_step=True, prog_bar=True)
+        self.log_step({"actor/bc_loss": loss}, prog_bar=["actor/bc_loss"])
         self.record(bc_loss=loss)
         return loss
