@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.loggers import TensorBoardLogger
 
+from helpers import read_scalars
 from trqam_lit.adjoint import lean_adjoint
+from trqam_lit.agents import TRQAM
 from trqam_lit.nets import VelocityField, gelu_tanh
+from trqam_lit.toy import ToyBanditDataModule
 
 OBS, ACT, B, K = 7, 5, 16, 10
 
@@ -48,3 +53,29 @@ def test_lean_adjoint_through_the_linearisation_equals_autograd(layer_norm):
     assert fast.shape == (K, B, ACT)
     torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(fast[0], adj_final, atol=1e-2)  # the recursion moved the adjoint
+
+
+@pytest.mark.parametrize("every", [1, 4])
+def test_scalars_are_logged_on_logging_steps_only_and_the_dual_steps_every_update(tmp_path, every):
+    """Per-step scalars reach Lightning only on the steps its logger writes; lambda still moves at every update."""
+
+    def run(log_every: int, root):
+        pl.seed_everything(0)
+        dm = ToyBanditDataModule(action_dim=2, batch_size=32, eval_samples=16, c=3.0)
+        model = TRQAM(obs_dim=dm.obs_dim, action_dim=dm.chunk_dim, horizon=dm.horizon, discount=dm.discount,
+                      actor_hidden_dims=(16, 16), critic_hidden_dims=(16, 16), num_critics=2, eta=0.5,
+                      eps_kl=0.05)  # fmt: skip
+        trainer = pl.Trainer(max_steps=12, limit_val_batches=0, enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False, accelerator="cpu", log_every_n_steps=log_every,
+                             logger=TensorBoardLogger(root, name="", version=""))  # fmt: skip
+        trainer.fit(model, datamodule=dm)
+        return model, read_scalars(root)
+
+    model, scalars = run(every, tmp_path / "a")
+    reference, ref_scalars = run(1, tmp_path / "b")
+    expected_steps = [s for s in range(12) if (s + 1) % every == 0]
+    for tag in ("dual/lambda", "dual/kl", "actor/am_loss", "critic/critic_loss", "train/grad_norm"):
+        assert [step for step, _ in scalars[tag]] == expected_steps, tag
+        assert scalars[tag] == [(s, v) for s, v in ref_scalars[tag] if s in expected_steps], tag  # same values
+    assert model.dual.lam.item() == reference.dual.lam.item() != 1.0
+    assert torch.equal(model.dual.kl_ema, reference.dual.kl_ema)
