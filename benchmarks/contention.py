@@ -1,7 +1,7 @@
 """Training steps/s on a quiet machine and beside a competing CPU-bound process, per thread setting.
 
     python benchmarks/contention.py                                  # CPU-small B 64 TRQAM, threads 1 and all
-    python benchmarks/contention.py --threads 1 2 --wait-policies active passive --setting cpu-small-b64
+    python benchmarks/contention.py --threads 1 2 --wait-policies default passive spin:10000 --setting paper
 
 For each (threads, OpenMP wait policy) the same measurement (``throughput.py``'s, in a fresh process) runs twice:
 alone, then while a competitor runs (by default another training of the same shape with the same settings, as
@@ -23,8 +23,14 @@ HERE = Path(__file__).resolve().parent
 
 
 def _env(threads: int, policy: str) -> dict[str, str]:
+    """``active`` / ``passive`` set OMP_WAIT_POLICY; ``spin:N`` sets GOMP_SPINCOUNT=N (libgomp, torch's OpenMP)."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": str(threads)}
-    env["OMP_WAIT_POLICY"] = policy.upper()
+    for key in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
+        env.pop(key, None)
+    if policy.startswith("spin:"):
+        env["GOMP_SPINCOUNT"] = policy.split(":", 1)[1]
+    elif policy != "default":
+        env["OMP_WAIT_POLICY"] = policy.upper()
     return env
 
 
@@ -39,7 +45,9 @@ def main() -> None:
     parser.add_argument("--setting", default="cpu-small-b64")
     parser.add_argument("--agent", default="trqam")
     parser.add_argument("--threads", type=int, nargs="*", default=sorted({1, os.cpu_count() or 1}))
-    parser.add_argument("--wait-policies", nargs="*", default=["active", "passive"], choices=["active", "passive"])
+    parser.add_argument(
+        "--wait-policies", nargs="*", default=["default", "passive"], help="default, active, passive or spin:N"
+    )
     parser.add_argument("--steps", type=int, default=60)
     args = parser.parse_args()
     for threads in args.threads:

@@ -20,6 +20,8 @@ import subprocess
 import sys
 import time
 
+T_PROCESS = time.perf_counter()  # torch and Lightning are imported later: their import counts towards the first step
+
 SETTINGS = {
     # name: (batch, obs_dim, action chunk A, horizon, width, critics, K)
     "paper": (256, 37, 25, 5, 512, 10, 10),
@@ -57,9 +59,11 @@ def measure(setting: str, agent: str, solver: str, steps: int, warmup: int, devi
                 i += 1
 
     class Timer(pl.Callback):
-        start = end = None
+        start = end = first = None
 
         def on_train_batch_end(self, trainer, *args) -> None:
+            if self.first is None:
+                self.first = time.perf_counter() - T_PROCESS
             if trainer.global_step == warmup:
                 if device == "cuda":
                     torch.cuda.synchronize()
@@ -97,6 +101,7 @@ def measure(setting: str, agent: str, solver: str, steps: int, warmup: int, devi
         "precision": precision,
         "threads": torch.get_num_threads(),
         "steps_per_sec": round(steps / (timer.end - timer.start), 3),
+        "start_to_first_step_s": round(timer.first, 2),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
     if device == "cuda":

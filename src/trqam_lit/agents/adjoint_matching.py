@@ -17,10 +17,11 @@ class AdjointMatchingAgent(FlowAgent):
     """L = L_Q + L_BC + L_AM with one optimizer; subclasses set ``lam_eff`` (sigma = g / sqrt(lam_eff)) and
     ``adj_scale`` (the factor on the terminal adjoint)."""
 
-    def __init__(self, sde_solver: Solver = "fused", **kwargs: Any) -> None:
+    def __init__(self, sde_solver: Solver = "torchsde", **kwargs: Any) -> None:
         """
         Args:
-            sde_solver: forward rollout solver, "fused" (fast loop) or "torchsde" (torchsde.sdeint).
+            sde_solver: forward rollout solver, "torchsde" (torchsde.sdeint) or "fused" (the same Euler-Maruyama steps
+                in a plain loop, identical states); the CPU-sized configs choose "fused" (docs/performance.md).
         """
         super().__init__(**kwargs)
 
