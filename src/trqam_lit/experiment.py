@@ -1,0 +1,208 @@
+"""`trqam-lit-exp`: run a grid of trainings (agents x tasks x seeds), resumably, and hand it to a scheduler.
+
+    trqam-lit-exp run grid.yaml --jobs 2            # every run, 2 at a time, threads per job = cores // jobs
+    trqam-lit-exp run grid.yaml --print-commands    # one shell command per run (a SLURM array, GNU parallel)
+    trqam-lit-exp run grid.yaml --only qam/default/seed1
+
+A grid file (YAML)::
+
+    name: toy-trqam-vs-bc             # runs go to <runs_dir>/<name>/<agent>/<task>/seed<k>/
+    runs_dir: runs                    # optional; relative paths are relative to the working directory
+    overrides: [--trainer.max_steps=2000]                 # for every run
+    agents:                                               # agent -> its config and overrides
+      trqam: {config: configs/toy/bandit.yaml}
+      bc: {config: configs/toy/bandit.yaml, overrides: [--model.class_path=trqam_lit.agents.BC]}
+    tasks:                                                # task -> overrides (optional; default: one task)
+      c3: [--data.init_args.c=3.0]
+    seeds: [0, 1, 2]
+
+Each run is a real ``trqam-lit fit`` in its own process, with its TensorBoard events, checkpoints and output
+(``train.log``) in its own directory. A finished run (``done.json``) is skipped; a killed one resumes from its
+``checkpoints/last.ckpt``; a failed one is reported with its log path and does not stop the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+DONE = "done.json"
+LOG = "train.log"
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training of the grid."""
+
+    agent: str
+    task: str
+    seed: int
+    config: str
+    overrides: tuple[str, ...]
+    run_dir: Path
+
+    @property
+    def name(self) -> str:
+        return f"{self.agent}/{self.task}/seed{self.seed}"
+
+    @property
+    def last_checkpoint(self) -> Path:
+        return self.run_dir / "checkpoints" / "last.ckpt"
+
+    @property
+    def finished(self) -> bool:
+        return (self.run_dir / DONE).is_file()
+
+    def fit_args(self) -> list[str]:
+        """``trqam-lit fit`` arguments: the config, the grid's overrides, then where everything of this run goes."""
+        args = ["fit", "--config", self.config, *self.overrides, f"--seed_everything={self.seed}"]
+        args += [
+            "--trainer.logger=lightning.pytorch.loggers.TensorBoardLogger",
+            f"--trainer.logger.init_args.save_dir={self.run_dir}",
+            "--trainer.logger.init_args.name=",
+            "--trainer.logger.init_args.version=",
+            "--trainer.logger.init_args.default_hp_metric=false",
+            f"--checkpoint.dirpath={self.run_dir / 'checkpoints'}",
+        ]
+        if self.last_checkpoint.is_file():
+            args += ["--ckpt_path", str(self.last_checkpoint)]
+        return args
+
+
+@dataclass
+class Grid:
+    name: str
+    runs: list[Run] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Grid:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"grid file not found: {path}")
+        spec = yaml.safe_load(path.read_text()) or {}
+        unknown = set(spec) - {"name", "runs_dir", "overrides", "agents", "tasks", "seeds"}
+        if unknown:
+            raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
+        for key in ("name", "agents", "seeds"):
+            if key not in spec:
+                raise ValueError(f"{path}: missing '{key}' (see `trqam-lit-exp run --help`)")
+        root = Path(spec.get("runs_dir", "runs")) / spec["name"]
+        common = tuple(spec.get("overrides") or ())
+        tasks = spec.get("tasks") or {"default": []}
+        runs = []
+        for agent, entry in spec["agents"].items():
+            if not isinstance(entry, dict) or "config" not in entry:
+                raise ValueError(f"{path}: agent '{agent}' needs a 'config' (and optional 'overrides')")
+            if not Path(entry["config"]).is_file():
+                raise FileNotFoundError(f"{path}: config of agent '{agent}' not found: {entry['config']}")
+            for task, task_overrides in tasks.items():
+                for seed in spec["seeds"]:
+                    overrides = (*common, *(entry.get("overrides") or ()), *(task_overrides or ()))
+                    run_dir = root / agent / str(task) / f"seed{int(seed)}"
+                    runs.append(Run(agent, str(task), int(seed), entry["config"], overrides, run_dir))
+        return cls(spec["name"], runs)
+
+
+def threads_per_job(jobs: int, cores: int | None = None) -> int:
+    """Threads per process so that jobs x threads <= cores (oversubscribed OpenMP collapses, docs/performance.md)."""
+    return max(1, (cores or os.cpu_count() or 1) // max(1, jobs))
+
+
+def execute(run: Run, threads: int) -> tuple[Run, int, float]:
+    """One run to completion in its own process; returns (run, exit code, seconds). Output goes to its train.log."""
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    cmd = [sys.executable, "-m", "trqam_lit.cli", *run.fit_args()]
+    t0 = time.perf_counter()
+    with open(run.run_dir / LOG, "a") as log:
+        log.write(f"\n$ {shlex.join(cmd)}\n")
+        log.flush()
+        code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+    seconds = time.perf_counter() - t0
+    if code == 0:
+        record = {"run": run.name, "seconds": round(seconds, 1), "command": shlex.join(cmd), "threads": threads}
+        (run.run_dir / DONE).write_text(json.dumps(record, indent=1) + "\n")
+    return run, code, seconds
+
+
+def _eta(done: int, total: int, seconds: list[float], jobs: int) -> str:
+    if not seconds or done >= total:
+        return ""
+    left = (total - done) * (sum(seconds) / len(seconds)) / max(1, jobs)
+    return f", ETA {int(left // 60)} min {int(left % 60)} s"
+
+
+def run_grid(grid: Grid, jobs: int = 1, only: Sequence[str] = (), out=None) -> int:
+    """Run every unfinished run of the grid, ``jobs`` at a time; returns the number of failed runs."""
+    out = out or sys.stdout
+    runs = [r for r in grid.runs if not only or r.name in only]
+    missing = set(only) - {r.name for r in grid.runs}
+    if missing:
+        raise ValueError(f"no run named {sorted(missing)} in grid '{grid.name}' (names: agent/task/seed<k>)")
+    todo = [r for r in runs if not r.finished]
+    total, done = len(runs), len(runs) - len(todo)
+    threads = threads_per_job(jobs)
+    print(f"trqam-lit-exp: {grid.name}: {total} runs, {done} already finished, {len(todo)} to run "
+          f"({jobs} at a time, {threads} threads each)", file=out, flush=True)  # fmt: skip
+    failed, seconds = [], []
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        futures = [pool.submit(execute, run, threads) for run in todo]
+        for future in as_completed(futures):
+            run, code, secs = future.result()
+            done += 1
+            if code == 0:
+                seconds.append(secs)
+                status = f"finished in {secs:.0f} s"
+            else:
+                failed.append(run)
+                status = f"FAILED (exit {code}); log: {run.run_dir / LOG}"
+            print(f"[{done}/{total}{_eta(done, total, seconds, jobs)}] {run.name}: {status}", file=out, flush=True)
+    if failed:
+        print(f"trqam-lit-exp: {len(failed)} run(s) failed: " + ", ".join(r.name for r in failed), file=out)
+    return len(failed)
+
+
+def print_commands(grid: Grid, grid_path: str, out=None) -> None:
+    """One resumable shell command per run, for a scheduler (each line runs `trqam-lit-exp run --only <run>`)."""
+    out = out or sys.stdout
+    for run in grid.runs:
+        print(f"OMP_NUM_THREADS=1 trqam-lit-exp run {shlex.quote(grid_path)} --only {shlex.quote(run.name)}", file=out)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="trqam-lit-exp", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a grid of trainings (skips finished runs, resumes killed ones)")
+    run.add_argument("grid", help="grid YAML file")
+    run.add_argument("--jobs", type=int, default=1, help="runs in parallel (threads per run = cores // jobs)")
+    run.add_argument("--only", nargs="*", default=(), help="run only these runs (agent/task/seed<k>)")
+    run.add_argument("--print-commands", action="store_true", help="print one command per run and exit")
+    args = parser.parse_args(argv)
+    try:
+        grid = Grid.load(args.grid)
+    except (FileNotFoundError, ValueError) as err:
+        parser.exit(2, f"trqam-lit-exp: error: {err}\n")
+    if args.print_commands:
+        print_commands(grid, args.grid)
+        return
+    try:
+        failed = run_grid(grid, args.jobs, args.only)
+    except ValueError as err:
+        parser.exit(2, f"trqam-lit-exp: error: {err}\n")
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""`trqam-lit-exp run`: a real grid of `trqam-lit fit` processes, killed mid-way and resumed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import read_scalars
+from trqam_lit.experiment import Grid, print_commands, threads_per_job
+
+STEPS = 40
+AGENT = """
+seed_everything: 0
+trainer: {{accelerator: cpu, devices: 1, max_steps: {steps}, val_check_interval: {steps}, log_every_n_steps: 5,
+          enable_progress_bar: false, enable_model_summary: false}}
+checkpoint: {{every_n_train_steps: 10}}
+model:
+  class_path: trqam_lit.agents.{cls}
+  init_args: {{sde_solver: fused, actor_hidden_dims: [16, 16], critic_hidden_dims: [16, 16], num_critics: 2,
+              bc_warmup_steps: 10, {extra}}}
+data:
+  class_path: trqam_lit.toy.ToyBanditDataModule
+  init_args: {{action_dim: 1, std: 0.3, reward: linear, c: 3.0, batch_size: 32, eval_samples: 16}}
+"""
+
+
+def write_grid(tmp_path: Path) -> Path:
+    (tmp_path / "trqam.yaml").write_text(AGENT.format(steps=STEPS, cls="TRQAM", extra="eps_kl: 0.05"))
+    (tmp_path / "qam.yaml").write_text(AGENT.format(steps=STEPS, cls="QAM", extra="inv_temp: 1.0"))
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(
+        "name: tiny\nruns_dir: runs\nseeds: [0, 1]\nagents:\n  trqam: {config: trqam.yaml}\n  qam: {config: qam.yaml}\n"
+    )
+    return grid
+
+
+def exp(*args: str, cwd: Path, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "MUJOCO_GL": "disable", "PYTHONWARNINGS": "ignore"}
+    return subprocess.Popen([sys.executable, "-m", "trqam_lit.experiment", *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)  # fmt: skip
+
+
+def test_grid_names_its_runs_and_prints_one_resumable_command_each(tmp_path, capsys, monkeypatch):
+    grid_path = write_grid(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    grid = Grid.load(grid_path)
+    names = [r.name for r in grid.runs]
+    assert names == ["trqam/default/seed0", "trqam/default/seed1", "qam/default/seed0", "qam/default/seed1"]
+    assert grid.runs[3].run_dir == Path("runs/tiny/qam/default/seed1")
+    assert "--seed_everything=1" in grid.runs[3].fit_args()
+    print_commands(grid, "grid.yaml")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "OMP_NUM_THREADS=1 trqam-lit-exp run grid.yaml --only trqam/default/seed0"
+    assert len(lines) == 4
+    assert threads_per_job(2, cores=2) == 1 and threads_per_job(1, cores=2) == 2 and threads_per_job(4, cores=2) == 1
+
+
+def test_a_bad_grid_is_refused_with_a_message(tmp_path):
+    (tmp_path / "grid.yaml").write_text("name: x\nseeds: [0]\nagents:\n  a: {config: missing.yaml}\n")
+    proc = exp("run", "grid.yaml", cwd=tmp_path)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    assert "config of agent 'a' not found: missing.yaml" in out
+
+
+def test_killed_grid_resumes_skipping_finished_runs_and_continuing_killed_ones(tmp_path):
+    write_grid(tmp_path)
+    runs = tmp_path / "runs" / "tiny"
+    first, second = runs / "trqam/default/seed0", runs / "trqam/default/seed1"
+    # One job at a time: kill the whole runner (and its training) once the second run has its first checkpoint.
+    proc = exp("run", "grid.yaml", "--jobs", "1", cwd=tmp_path, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not (second / "checkpoints" / "last.ckpt").is_file():
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.monotonic() < deadline, "the second run never wrote a checkpoint"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (first / "done.json").is_file() and not (second / "done.json").is_file()
+    first_done = (first / "done.json").stat().st_mtime_ns
+
+    proc = exp("run", "grid.yaml", "--jobs", "2", cwd=tmp_path)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    assert "4 runs, 1 already finished, 3 to run (2 at a time, 1 threads each)" in out
+    assert "[4/4] " in out
+    assert (first / "done.json").stat().st_mtime_ns == first_done  # skipped, not rerun
+    assert (first / "train.log").read_text().count("\n$ ") == 1
+    second_log = (second / "train.log").read_text()
+    assert second_log.count("\n$ ") == 2 and "--ckpt_path" in second_log.split("\n$ ")[-1]  # resumed
+    for agent in ("trqam", "qam"):
+        for seed in (0, 1):
+            scalars = read_scalars(runs / agent / "default" / f"seed{seed}")
+            assert scalars["dual/kl"][-1][0] == STEPS - 1  # trained to the end, logged in the run's own directory
+            assert [step for step, _ in scalars["eval/return"]] == [STEPS - 1]  # one evaluation, at the end
+    assert "dual/lambda" in read_scalars(second) and "dual/lambda" not in read_scalars(runs / "qam/default/seed0")
+
+
+@pytest.mark.parametrize("argv", [["run", "grid.yaml", "--only", "nope/default/seed0"]])
+def test_an_unknown_run_name_is_refused(tmp_path, argv):
+    write_grid(tmp_path)
+    proc = exp(*argv, cwd=tmp_path)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "no run named ['nope/default/seed0']" in out
