@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import signal
 import subprocess
@@ -13,6 +14,7 @@ import pytest
 
 from helpers import read_scalars
 from trqam_lit.experiment import Grid, print_commands, threads_per_job
+from trqam_lit.report import mean_std
 
 STEPS = 40
 AGENT = """
@@ -100,6 +102,29 @@ def test_killed_grid_resumes_skipping_finished_runs_and_continuing_killed_ones(t
             assert scalars["dual/kl"][-1][0] == STEPS - 1  # trained to the end, logged in the run's own directory
             assert [step for step, _ in scalars["eval/return"]] == [STEPS - 1]  # one evaluation, at the end
     assert "dual/lambda" in read_scalars(second) and "dual/lambda" not in read_scalars(runs / "qam/default/seed0")
+
+    # The report's numbers are the event files' numbers, aggregated over the two seeds.
+    proc = exp("report", "grid.yaml", cwd=tmp_path)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    report = runs / "report"
+    with open(report / "scalars.csv") as f:
+        rows = {(r["agent"], r["task"], r["tag"], int(r["step"])): r for r in csv.DictReader(f)}
+    for agent in ("trqam", "qam"):
+        per_seed = [read_scalars(runs / agent / "default" / f"seed{seed}") for seed in (0, 1)]
+        for tag in ("eval/return", "actor/am_loss", "dual/kl"):
+            for step in (s for s, _ in per_seed[0][tag]):
+                values = [dict(seed[tag])[step] for seed in per_seed]
+                row = rows[(agent, "default", tag, step)]
+                assert int(row["seeds"]) == 2
+                assert float(row["mean"]) == pytest.approx(sum(values) / 2, rel=1e-5, abs=1e-7)
+                assert float(row["std"]) == pytest.approx(mean_std(values)[1], rel=1e-5, abs=1e-7)
+        final = [dict(seed["eval/return"])[STEPS - 1] for seed in per_seed]
+        mean, std = mean_std(final)
+        assert f"| {agent} | {mean:.1f} ± {std:.1f} (2) |" in (report / "table.md").read_text()
+    for name in ("default_eval_return.png", "default_dual_kl_ema.png", "default_dual_lambda.png",
+                 "default_actor_am_loss.png"):  # fmt: skip
+        assert (report / name).stat().st_size > 10_000, name
 
 
 @pytest.mark.parametrize("argv", [["run", "grid.yaml", "--only", "nope/default/seed0"]])

@@ -3,6 +3,7 @@
     trqam-lit-exp run grid.yaml --jobs 2            # every run, 2 at a time, threads per job = cores // jobs
     trqam-lit-exp run grid.yaml --print-commands    # one shell command per run (a SLURM array, GNU parallel)
     trqam-lit-exp run grid.yaml --only qam/default/seed1
+    trqam-lit-exp report grid.yaml                  # CSV, markdown table and plots over seeds (<runs>/<name>/report)
 
 A grid file (YAML)::
 
@@ -83,6 +84,7 @@ class Run:
 @dataclass
 class Grid:
     name: str
+    root: Path
     runs: list[Run] = field(default_factory=list)
 
     @classmethod
@@ -111,7 +113,7 @@ class Grid:
                     overrides = (*common, *(entry.get("overrides") or ()), *(task_overrides or ()))
                     run_dir = root / agent / str(task) / f"seed{int(seed)}"
                     runs.append(Run(agent, str(task), int(seed), entry["config"], overrides, run_dir))
-        return cls(spec["name"], runs)
+        return cls(spec["name"], root, runs)
 
 
 def threads_per_job(jobs: int, cores: int | None = None) -> int:
@@ -189,11 +191,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     run.add_argument("--jobs", type=int, default=1, help="runs in parallel (threads per run = cores // jobs)")
     run.add_argument("--only", nargs="*", default=(), help="run only these runs (agent/task/seed<k>)")
     run.add_argument("--print-commands", action="store_true", help="print one command per run and exit")
+    rep = sub.add_parser("report", help="the grid's scalars over seeds: a CSV, a markdown table and PNG plots")
+    rep.add_argument("grid", help="grid YAML file")
+    rep.add_argument("--out", default=None, help="output folder (default: <runs_dir>/<name>/report)")
     args = parser.parse_args(argv)
     try:
         grid = Grid.load(args.grid)
     except (FileNotFoundError, ValueError) as err:
         parser.exit(2, f"trqam-lit-exp: error: {err}\n")
+    if args.command == "report":
+        from .report import report
+
+        try:
+            written = report(grid, Path(args.out) if args.out else grid.root / "report")
+        except ValueError as err:
+            parser.exit(2, f"trqam-lit-exp: error: {err}\n")
+        print(f"trqam-lit-exp: wrote {written['csv']}, {written['table']} and {len(written['plots'])} plots")
+        return
     if args.print_commands:
         print_commands(grid, args.grid)
         return

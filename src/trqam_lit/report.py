@@ -1,0 +1,163 @@
+"""`trqam-lit-exp report`: a grid's TensorBoard scalars aggregated over seeds, as a CSV, a markdown table and plots.
+
+Every number comes from the runs' own event files, read back with TensorBoard's reader. A step logged twice (a
+run killed after a checkpoint and resumed logs the steps since that checkpoint again) keeps its last value.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import yaml
+
+from .experiment import Grid, Run
+
+# tag -> (plot title, y-axis label, scale applied to the logged value)
+PLOTS = {
+    "eval/success": ("evaluation success", "success rate (% of episodes)", 100.0),
+    "eval/return": ("evaluation return", "return per episode (sum of rewards)", 1.0),
+    "dual/kl_ema": ("path KL average vs budget", "KL average (nats per chunk step)", 1.0),
+    "dual/lambda": ("trust-region parameter", "lambda (dimensionless)", 1.0),
+    "actor/am_loss": ("adjoint-matching loss", "L_AM (batch mean)", 1.0),
+}
+TABLE_TAGS = ("eval/success", "eval/return")
+
+Series = dict[int, float]  # step -> value
+
+
+def read_run(run_dir: Path) -> dict[str, Series]:
+    """tag -> {step: value} of one run directory's event files (the last write of a step wins)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    out: dict[str, Series] = {}
+    for tag in acc.Tags()["scalars"]:
+        events = sorted(acc.Scalars(tag), key=lambda e: e.wall_time)
+        out[tag] = {e.step: float(e.value) for e in events}
+    return out
+
+
+def budget_of(run: Run) -> float | None:
+    """The run's eps_kl, from the config LightningCLI saved beside its events (None for agents without one)."""
+    path = run.run_dir / "config.yaml"
+    if not path.is_file():
+        return None
+    config = yaml.safe_load(path.read_text()) or {}
+    value = ((config.get("model") or {}).get("init_args") or {}).get("eps_kl")
+    return float(value) if value is not None else None
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one seed)."""
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, 0.0
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def aggregate(grid: Grid) -> tuple[list[dict], dict, dict]:
+    """(rows step by step, final values per (agent, task, tag), eps_kl per (agent, task)) over the finished seeds."""
+    per: dict[tuple[str, str, str], list[Series]] = defaultdict(list)
+    budgets: dict[tuple[str, str], float] = {}
+    for run in grid.runs:
+        if not run.run_dir.is_dir():
+            continue
+        for tag, series in read_run(run.run_dir).items():
+            per[(run.agent, run.task, tag)].append(series)
+        if (eps := budget_of(run)) is not None:
+            budgets[(run.agent, run.task)] = eps
+    rows, finals = [], {}
+    for (agent, task, tag), seeds in sorted(per.items()):
+        for step in sorted({s for series in seeds for s in series}):
+            values = [series[step] for series in seeds if step in series]
+            mean, std = mean_std(values)
+            rows.append({"agent": agent, "task": task, "tag": tag, "step": step, "mean": mean, "std": std,
+                         "seeds": len(values)})  # fmt: skip
+        finals[(agent, task, tag)] = [series[max(series)] for series in seeds if series]
+    return rows, finals, budgets
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["agent", "task", "tag", "step", "mean", "std", "seeds"])
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**row, "mean": f"{row['mean']:.6g}", "std": f"{row['std']:.6g}"})
+
+
+def markdown_table(grid: Grid, finals: dict) -> str:
+    """Final evaluation per agent (rows) and task (columns): mean +- std over seeds (number of seeds)."""
+    agents = list(dict.fromkeys(r.agent for r in grid.runs))
+    tasks = list(dict.fromkeys(r.task for r in grid.runs))
+    lines = []
+    for tag in TABLE_TAGS:
+        title, _, scale = PLOTS[tag]
+        lines += [f"### Final {title} ({'%' if scale == 100.0 else 'mean'}, mean ± std over seeds (seeds))", ""]
+        lines += ["| agent | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+        for agent in agents:
+            cells = []
+            for task in tasks:
+                values = finals.get((agent, task, tag))
+                if not values:
+                    cells.append("–")
+                    continue
+                mean, std = mean_std([v * scale for v in values])
+                cells.append(f"{mean:.1f} ± {std:.1f} ({len(values)})")
+            lines.append(f"| {agent} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], budgets: dict, out_dir: Path, grid_name: str) -> list[Path]:
+    """One PNG per (task, plotted tag): one line per agent, a shaded band of +- one std over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by: dict[tuple[str, str], dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for row in rows:
+        if row["tag"] in PLOTS:
+            by[(row["task"], row["tag"])][row["agent"]].append(row)
+    written = []
+    for (task, tag), agents in sorted(by.items()):
+        title, ylabel, scale = PLOTS[tag]
+        fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
+        for agent, points in agents.items():
+            steps = [p["step"] for p in points]
+            mean = [p["mean"] * scale for p in points]
+            std = [p["std"] * scale for p in points]
+            seeds = max(p["seeds"] for p in points)
+            (line,) = ax.plot(steps, mean, label=f"{agent} ({seeds} seeds)", marker="o" if len(steps) < 30 else None)
+            low = [m - s for m, s in zip(mean, std, strict=True)]
+            high = [m + s for m, s in zip(mean, std, strict=True)]
+            ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.2)
+            if tag == "dual/kl_ema" and (eps := budgets.get((agent, task))) is not None:
+                ax.axhline(eps, color=line.get_color(), linestyle="--", linewidth=1, label=f"{agent} budget eps_KL")
+        ax.set_title(f"{grid_name} / {task}: {title}")
+        ax.set_xlabel("training step (optimizer updates)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out_dir / f"{task}_{tag.replace('/', '_')}.png"
+        fig.savefig(path)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def report(grid: Grid, out_dir: Path) -> dict[str, Path | list[Path]]:
+    """Writes ``scalars.csv``, ``table.md`` and the PNGs into ``out_dir``; returns their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows, finals, budgets = aggregate(grid)
+    if not rows:
+        raise ValueError(f"no TensorBoard scalars found under the runs of grid '{grid.name}' (run it first)")
+    write_csv(rows, out_dir / "scalars.csv")
+    (out_dir / "table.md").write_text(markdown_table(grid, finals))
+    return {"csv": out_dir / "scalars.csv", "table": out_dir / "table.md",
+            "plots": plot(rows, budgets, out_dir, grid.name)}  # fmt: skip
