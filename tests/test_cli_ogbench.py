@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
+import yaml
 
 from helpers import CONFIGS, assert_dual_descent, fast_trainer_args, read_scalars, run_cli, run_dir
 from trqam_lit.cli import build_cli
+from trqam_lit.experiment import Grid
 
 QUICK = str(CONFIGS / "quickstart.yaml")
 SMALL = [
@@ -85,7 +88,20 @@ def test_validate_a_saved_policy_on_the_fixture(fixture_run):
     assert_cube_single_evaluation(scalars)
 
 
-ALL_CONFIGS = sorted(p for p in CONFIGS.rglob("*.yaml") if p.parent.name != "trainer")
+def is_grid(path: Path) -> bool:
+    """A `trqam-lit-exp` grid file (agents x tasks x seeds), not a `trqam-lit` config."""
+    return "agents" in (yaml.safe_load(path.read_text()) or {})
+
+
+ALL_CONFIGS = sorted(p for p in CONFIGS.rglob("*.yaml") if p.parent.name != "trainer" and not is_grid(p))
+GRIDS = sorted(p for p in CONFIGS.rglob("*.yaml") if is_grid(p))
+
+
+@pytest.mark.parametrize("grid", GRIDS, ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_every_grid_loads_and_names_existing_configs(grid, monkeypatch):
+    monkeypatch.chdir(CONFIGS.parent)  # grids name configs relative to the repository root
+    runs = Grid.load(grid).runs
+    assert runs and all(Path(r.config).resolve() in ALL_CONFIGS for r in runs)
 
 
 @pytest.mark.parametrize("config", ALL_CONFIGS, ids=lambda p: str(p.relative_to(CONFIGS)))

@@ -151,6 +151,62 @@ def plot(rows: list[dict], budgets: dict, out_dir: Path, grid_name: str) -> list
     return written
 
 
+SWEEP_TAGS = ("eval/return", "eval/action_mean", "dual/kl")
+
+
+def _task_values(grid: Grid) -> dict[str, float] | None:
+    """Task name -> number when every task is named by a number (a sweep, e.g. over a critic error size)."""
+    try:
+        return {r.task: float(r.task) for r in grid.runs}
+    except ValueError:
+        return None
+
+
+def plot_sweep(grid: Grid, finals: dict, budgets: dict, out_dir: Path) -> list[Path]:
+    """For a grid whose tasks are numbers: the final value of each quantity against the task's number."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = _task_values(grid)
+    if xs is None:
+        return []
+    labels = {"eval/return": "final evaluation return (true reward)", "eval/action_mean": "final mean action",
+              "dual/kl": "final path-KL estimate (nats per chunk step)"}  # fmt: skip
+    written = []
+    for tag in SWEEP_TAGS:
+        fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
+        plotted = False
+        for agent in dict.fromkeys(r.agent for r in grid.runs):
+            points = [(xs[t], mean_std(v)) for (a, t, g), v in finals.items() if a == agent and g == tag and v]
+            if not points:
+                continue
+            points.sort()
+            seeds = max(len(v) for (a, _, g), v in finals.items() if a == agent and g == tag)
+            bar = ax.errorbar([p[0] for p in points], [p[1][0] for p in points], yerr=[p[1][1] for p in points],
+                              marker="o", capsize=3, label=f"{agent} ({seeds} seeds)")  # fmt: skip
+            eps = {budgets.get((agent, t)) for t in xs} - {None}
+            if tag == "dual/kl" and len(eps) == 1:
+                ax.axhline(eps.pop(), color=bar.lines[0].get_color(), linestyle="--", linewidth=1,
+                           label=f"{agent} budget eps_KL")  # fmt: skip
+            plotted = True
+        if not plotted:
+            plt.close(fig)
+            continue
+        ax.set_title(f"{grid.name}: {labels[tag]} vs task")
+        ax.set_xlabel("task value (e.g. critic error size delta)")
+        ax.set_ylabel(labels[tag])
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out_dir / f"sweep_{tag.replace('/', '_')}.png"
+        fig.savefig(path)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
 def report(grid: Grid, out_dir: Path) -> dict[str, Path | list[Path]]:
     """Writes ``scalars.csv``, ``table.md`` and the PNGs into ``out_dir``; returns their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -159,5 +215,5 @@ def report(grid: Grid, out_dir: Path) -> dict[str, Path | list[Path]]:
         raise ValueError(f"no TensorBoard scalars found under the runs of grid '{grid.name}' (run it first)")
     write_csv(rows, out_dir / "scalars.csv")
     (out_dir / "table.md").write_text(markdown_table(grid, finals))
-    return {"csv": out_dir / "scalars.csv", "table": out_dir / "table.md",
-            "plots": plot(rows, budgets, out_dir, grid.name)}  # fmt: skip
+    plots = plot(rows, budgets, out_dir, grid.name) + plot_sweep(grid, finals, budgets, out_dir)
+    return {"csv": out_dir / "scalars.csv", "table": out_dir / "table.md", "plots": plots}

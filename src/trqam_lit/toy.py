@@ -55,6 +55,31 @@ class AnalyticReward(torch.nn.Module):
         return self.reward(a)[None]
 
 
+class PerturbedReward(torch.nn.Module):
+    """The analytic reward plus a smooth random-feature error whose gradient has RMS size ``delta`` per axis.
+
+    e(a) = delta sqrt(2 / M) sum_j cos(w_j . a + b_j) / f, w_j ~ N(0, f^2 I), b_j ~ U(0, 2 pi): a fixed random
+    function (seeded) whose gradient, averaged over the features, has root-mean-square delta along each axis. It
+    models a learned critic's error: spurious local slopes and bumps rather than a constant offset (which would
+    not change the adjoint at all) or a rescaling (which is only a change of temperature).
+    """
+
+    def __init__(self, reward: AnalyticReward, dim: int, delta: float, features: int = 32, frequency: float = 3.0,
+                 seed: int = 0) -> None:  # fmt: skip
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.reward_fn, self.delta, self.frequency = reward, float(delta), float(frequency)
+        self.register_buffer("w", torch.randn(features, dim, generator=gen) * frequency)
+        self.register_buffer("b", torch.rand(features, generator=gen) * 2 * torch.pi)
+
+    def error(self, a: Tensor) -> Tensor:
+        phase = a.float() @ self.w.T.to(a.device) + self.b.to(a.device)
+        return self.delta * (2.0 / self.w.shape[0]) ** 0.5 * torch.cos(phase).sum(dim=-1) / self.frequency
+
+    def forward(self, s: Tensor, a: Tensor) -> Tensor:
+        return (self.reward_fn.reward(a) + self.error(a))[None]
+
+
 class _InfiniteBatches(IterableDataset):
     """Offline batches; from global step ``defer_from()`` on, placeholders drawn from the replay buffer later."""
 
@@ -128,6 +153,8 @@ class ToyBanditDataModule(pl.LightningDataModule):
         discount: float = 0.99,
         eval_samples: int = 2000,
         seed: int = 0,
+        critic_error: float = 0.0,
+        critic_error_seed: int = 0,
     ) -> None:
         """
         Args:
@@ -146,6 +173,9 @@ class ToyBanditDataModule(pl.LightningDataModule):
             discount: discount (no bootstrap happens: every step ends its episode).
             eval_samples: policy samples per evaluation.
             seed: seed of the dataset and of the batch stream (offset by rank under DDP).
+            critic_error: size delta of the error added to the analytic critic (RMS of its gradient per axis; see
+                ``PerturbedReward``); the evaluation always scores with the true reward.
+            critic_error_seed: seed of the error's random features.
         """
         super().__init__()
         if std <= 0:
@@ -175,7 +205,11 @@ class ToyBanditDataModule(pl.LightningDataModule):
             raise ValueError(f"unknown behavior {hp.behavior!r}; choose 'gaussian' or 'mixture'")
         return (centres + noise).clamp(-DATASET_ACTION_LIMIT, DATASET_ACTION_LIMIT)
 
-    def analytic_q(self) -> AnalyticReward:
+    def analytic_q(self) -> torch.nn.Module:
+        """The critic an ``analytic_critic`` agent uses: the reward, plus the controlled error when ``critic_error``."""
+        if self.hparams.critic_error:
+            hp = self.hparams
+            return PerturbedReward(self.reward_fn, self.action_dim, hp.critic_error, seed=hp.critic_error_seed)
         return self.reward_fn
 
     def make_evaluator(self) -> ToyEvaluator:
