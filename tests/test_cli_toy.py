@@ -59,7 +59,8 @@ def assert_evaluates_v_ft(log_dir, ckpt) -> None:
 @pytest.fixture(scope="module")
 def toy_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("toy")
-    proc = run_cli(["fit", "--config", TOY, *fast_trainer_args(root, FIT_STEPS, 15), *SMALL], cwd=root)
+    # evaluations every WARMUP steps: the first one, at the end of the BC warm-up, is the BC policy's
+    proc = run_cli(["fit", "--config", TOY, *fast_trainer_args(root, FIT_STEPS, WARMUP), *SMALL], cwd=root)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return root, proc
 
@@ -89,13 +90,17 @@ def test_fit_logs_every_scalar_finite(toy_run):
     assert scalars["dual/kl"][0] == (WARMUP, 0.0)
     assert_dual_descent(scalars, EPS_KL, ETA, fine_tuning)
     assert any(v > 2 * EPS_KL for _, v in scalars["dual/kl"])  # the clip is exercised, not only the pass-through
-    # evaluated at the interval (step 15) and once more at the end (step 30), logged at global_step - 1
-    assert [s for s, _ in scalars["eval/return"]] == [14, 29]
+    # evaluated at the interval (steps 10, 20, 30), logged at global_step - 1
+    assert [s for s, _ in scalars["eval/return"]] == [9, 19, 29]
     assert all(v == 1.0 for _, v in scalars["eval/length"])  # a bandit episode is one step
     for (_, ret), (_, mean) in zip(scalars["eval/return"], scalars["eval/action_mean"], strict=True):
         assert ret == pytest.approx(C * mean, rel=1e-5, abs=1e-6)  # reward c a (1-D): return = c * action mean
     assert "TensorBoard logs:" in proc.stdout and "tensorboard --logdir" in proc.stdout
     assert "last.ckpt" in proc.stdout
+    # The closing summary puts the BC policy (evaluated at the end of the warm-up) next to the fine-tuned one
+    returns = dict(scalars["eval/return"])
+    assert f"BC policy           return {returns[WARMUP - 1]:.3g}  (step {WARMUP})" in proc.stdout, proc.stdout[-800:]
+    assert f"fine-tuned policy   return {returns[FIT_STEPS - 1]:.3g}  (step {FIT_STEPS})" in proc.stdout
 
 
 def test_validate_evaluates_the_saved_checkpoint(toy_run):

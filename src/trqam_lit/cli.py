@@ -9,7 +9,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from .agents import FlowAgent
-from .callbacks import FinalEvaluation, StepsPerSecond
+from .callbacks import EvaluationSummary, FinalEvaluation, StepsPerSecond
 from .checkpoint import AtomicCheckpointIO, check_checkpoint_file
 from .online import OnlinePhase
 
@@ -54,6 +54,9 @@ class TRQAMCLI(LightningCLI):
         if logger is not None:
             lines.append(f"  TensorBoard logs: {logger.log_dir}")
             lines.append(f"  open them with:   tensorboard --logdir {logger.save_dir}")
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, EvaluationSummary) and (evaluations := callback.summary()):
+                lines += ["  evaluation:", *evaluations]
         if ckpt is not None and (ckpt.last_model_path or ckpt.best_model_path):
             lines.append(f"  checkpoint:       {ckpt.last_model_path or ckpt.best_model_path}")
         print("\n".join(lines), flush=True)
@@ -65,7 +68,7 @@ def trainer_defaults() -> dict:
             "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
             "init_args": {"save_dir": "runs", "name": "trqam", "default_hp_metric": False},
         },
-        "callbacks": [FinalEvaluation(), StepsPerSecond()],
+        "callbacks": [FinalEvaluation(), StepsPerSecond(), EvaluationSummary()],
         "plugins": [AtomicCheckpointIO()],  # a run killed while saving never leaves a half-written last.ckpt
         "val_check_interval": 1000,
         "num_sanity_val_steps": 0,  # an evaluation is a batch of episodes: never run one just as a sanity check
