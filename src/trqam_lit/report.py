@@ -59,6 +59,16 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
+FINAL_WINDOW = 5  # training scalars are one batch's estimate: their final value averages the last few logged
+
+
+def final_value(tag: str, series: Series) -> float:
+    """An evaluation's last value; for a training scalar the mean of its last FINAL_WINDOW logged values."""
+    steps = sorted(series)
+    window = steps[-1:] if tag.startswith("eval/") else steps[-FINAL_WINDOW:]
+    return sum(series[s] for s in window) / len(window)
+
+
 def aggregate(grid: Grid) -> tuple[list[dict], dict, dict]:
     """(rows step by step, final values per (agent, task, tag), eps_kl per (agent, task)) over the finished seeds."""
     per: dict[tuple[str, str, str], list[Series]] = defaultdict(list)
@@ -77,7 +87,7 @@ def aggregate(grid: Grid) -> tuple[list[dict], dict, dict]:
             mean, std = mean_std(values)
             rows.append({"agent": agent, "task": task, "tag": tag, "step": step, "mean": mean, "std": std,
                          "seeds": len(values)})  # fmt: skip
-        finals[(agent, task, tag)] = [series[max(series)] for series in seeds if series]
+        finals[(agent, task, tag)] = [final_value(tag, series) for series in seeds if series]
     return rows, finals, budgets
 
 
@@ -173,7 +183,7 @@ def plot_sweep(grid: Grid, finals: dict, budgets: dict, out_dir: Path) -> list[P
     if xs is None:
         return []
     labels = {"eval/return": "final evaluation return (true reward)", "eval/action_mean": "final mean action",
-              "dual/kl": "final path-KL estimate (nats per chunk step)"}  # fmt: skip
+              "dual/kl": "final path-KL estimate (nats per chunk step, last 5 logged)"}  # fmt: skip
     written = []
     for tag in SWEEP_TAGS:
         fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
