@@ -121,7 +121,7 @@ def test_killed_grid_resumes_skipping_finished_runs_and_continuing_killed_ones(t
                 assert float(row["std"]) == pytest.approx(mean_std(values)[1], rel=1e-5, abs=1e-7)
         final = [dict(seed["eval/return"])[STEPS - 1] for seed in per_seed]
         mean, std = mean_std(final)
-        assert f"| {agent} | {mean:.1f} ± {std:.1f} (2) |" in (report / "table.md").read_text()
+        assert f"| {agent} | {mean:.3g} ± {std:.3g} (2) |" in (report / "table.md").read_text()
     for name in ("default_eval_return.png", "default_dual_kl_ema.png", "default_dual_lambda.png",
                  "default_actor_am_loss.png"):  # fmt: skip
         assert (report / name).stat().st_size > 10_000, name

@@ -116,7 +116,8 @@ def markdown_table(grid: Grid, finals: dict) -> str:
                     cells.append("–")
                     continue
                 mean, std = mean_std([v * scale for v in values])
-                cells.append(f"{mean:.1f} ± {std:.1f} ({len(values)})")
+                fmt = ".1f" if scale == 100.0 else ".3g"  # success in %, returns of any scale
+                cells.append(f"{mean:{fmt}} ± {std:{fmt}} ({len(values)})")
             lines.append(f"| {agent} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
@@ -182,8 +183,11 @@ def plot_sweep(grid: Grid, finals: dict, budgets: dict, out_dir: Path) -> list[P
     xs = _task_values(grid)
     if xs is None:
         return []
-    labels = {"eval/return": "final evaluation return (true reward)", "eval/action_mean": "final mean action",
-              "dual/kl": "final path-KL estimate (nats per chunk step, last 5 logged)"}  # fmt: skip
+    labels = {  # tag -> (title, y-axis label)
+        "eval/return": ("final evaluation return", "return (true reward)"),
+        "eval/action_mean": ("final mean action", "mean action"),
+        "dual/kl": ("final path KL (mean of last 5 logged)", "path KL (nats / chunk step)"),
+    }
     written = []
     for tag in SWEEP_TAGS:
         fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
@@ -204,9 +208,9 @@ def plot_sweep(grid: Grid, finals: dict, budgets: dict, out_dir: Path) -> list[P
         if not plotted:
             plt.close(fig)
             continue
-        ax.set_title(f"{grid.name}: {labels[tag]} vs task")
+        ax.set_title(f"{grid.name}: {labels[tag][0]}", fontsize=10)
         ax.set_xlabel("task value (e.g. critic error size delta)")
-        ax.set_ylabel(labels[tag])
+        ax.set_ylabel(labels[tag][1])
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
