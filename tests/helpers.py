@@ -16,6 +16,16 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Import into a module to run its tests on one intra-op thread: small tensors gain nothing from more, and extra
+    threads only contend with the rest of a busy CI machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def read_scalars(log_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
     """Every scalar in a TensorBoard run directory: tag -> [(step, value), ...]."""
     acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})

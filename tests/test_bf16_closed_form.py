@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 import trqam_lit.verify as verify
+from helpers import one_torch_thread  # noqa: F401 (autouse fixture)
 from trqam_lit.adjoint import adjoint_matching_objective
 from trqam_lit.verify import gaussian_linear, gaussian_velocity
 
@@ -104,14 +105,6 @@ def fp32_bounds(r: dict) -> dict[str, float]:
         "tilted_sde_mean_rel_err": 6 * h,
         "tilted_sde_std_rel_err": 4 * h + se,
     }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module", params=list(CASES))

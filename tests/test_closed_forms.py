@@ -19,6 +19,7 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import one_torch_thread  # noqa: F401 (autouse fixture)
 from trqam_lit.adjoint import adjoint_matching_objective
 from trqam_lit.dual import DualDescent
 from trqam_lit.flow import euler_ode
@@ -38,15 +39,6 @@ LINEAR_CASES = {
     "3d-negative-c": (-0.4, 1.5, -0.7, 0.5, 3),
 }
 K_TIGHT, N_TIGHT = 200, 40_000
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # Small elementwise tensors: extra intra-op threads only contend with the rest of a busy CI machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def log_bias(s: float, num_steps: int) -> float:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -14,7 +15,6 @@ import pytest
 
 from helpers import read_scalars
 from trqam_lit.experiment import Grid, print_commands, threads_per_job
-from trqam_lit.report import mean_std
 
 STEPS = 40
 AGENT = """
@@ -118,9 +118,9 @@ def test_killed_grid_resumes_skipping_finished_runs_and_continuing_killed_ones(t
                 row = rows[(agent, "default", tag, step)]
                 assert int(row["seeds"]) == 2
                 assert float(row["mean"]) == pytest.approx(sum(values) / 2, rel=1e-5, abs=1e-7)
-                assert float(row["std"]) == pytest.approx(mean_std(values)[1], rel=1e-5, abs=1e-7)
+                assert float(row["std"]) == pytest.approx(statistics.stdev(values), rel=1e-5, abs=1e-7)
         final = [dict(seed["eval/return"])[STEPS - 1] for seed in per_seed]
-        mean, std = mean_std(final)
+        mean, std = statistics.mean(final), statistics.stdev(final)
         assert f"| {agent} | {mean:.3g} ± {std:.3g} (2) |" in (report / "table.md").read_text()
     for name in ("default_eval_return.png", "default_dual_kl_ema.png", "default_dual_lambda.png",
                  "default_actor_am_loss.png"):  # fmt: skip

@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 
+from helpers import one_torch_thread  # noqa: F401 (autouse fixture)
 from trqam_lit import verify
 from trqam_lit.verify import affine_control_field, gaussian_linear, gaussian_quadratic, gaussian_velocity
 
@@ -42,15 +43,6 @@ QUADRATIC_CONTRACT = [
     "iterations",
     "fixed_point_change",
 ]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # Small elementwise tensors: extra intra-op threads only contend with the rest of a busy CI machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_cli_gaussian_linear_k10_prints_one_json_line_with_errors_reported():

@@ -123,13 +123,31 @@ def markdown_table(grid: Grid, finals: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], budgets: dict, out_dir: Path, grid_name: str) -> list[Path]:
-    """One PNG per (task, plotted tag): one line per agent, a shaded band of +- one std over seeds."""
+def _pyplot():
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(fig, ax, title: str, xlabel: str, ylabel: str, path: Path) -> Path:
+    """Labels, grid and legend, then the PNG; closes the figure."""
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    _pyplot().close(fig)
+    return path
+
+
+def plot(rows: list[dict], budgets: dict, out_dir: Path, grid_name: str) -> list[Path]:
+    """One PNG per (task, plotted tag): one line per agent, a shaded band of +- one std over seeds."""
+    plt = _pyplot()
     by: dict[tuple[str, str], dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for row in rows:
         if row["tag"] in PLOTS:
@@ -149,16 +167,9 @@ def plot(rows: list[dict], budgets: dict, out_dir: Path, grid_name: str) -> list
             ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.2)
             if tag == "dual/kl_ema" and (eps := budgets.get((agent, task))) is not None:
                 ax.axhline(eps, color=line.get_color(), linestyle="--", linewidth=1, label=f"{agent} budget eps_KL")
-        ax.set_title(f"{grid_name} / {task}: {title}")
-        ax.set_xlabel("training step (optimizer updates)")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
         path = out_dir / f"{task}_{tag.replace('/', '_')}.png"
-        fig.savefig(path)
-        plt.close(fig)
-        written.append(path)
+        xlabel = "training step (optimizer updates)"
+        written.append(_save(fig, ax, f"{grid_name} / {task}: {title}", xlabel, ylabel, path))
     return written
 
 
@@ -175,11 +186,7 @@ def _task_values(grid: Grid) -> dict[str, float] | None:
 
 def plot_sweep(grid: Grid, finals: dict, budgets: dict, out_dir: Path) -> list[Path]:
     """For a grid whose tasks are numbers: the final value of each quantity against the task's number."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     xs = _task_values(grid)
     if xs is None:
         return []
@@ -208,16 +215,9 @@ def plot_sweep(grid: Grid, finals: dict, budgets: dict, out_dir: Path) -> list[P
         if not plotted:
             plt.close(fig)
             continue
-        ax.set_title(f"{grid.name}: {labels[tag][0]}", fontsize=10)
-        ax.set_xlabel("task value (e.g. critic error size delta)")
-        ax.set_ylabel(labels[tag][1])
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
+        title, ylabel = f"{grid.name}: {labels[tag][0]}", labels[tag][1]
         path = out_dir / f"sweep_{tag.replace('/', '_')}.png"
-        fig.savefig(path)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, ax, title, "task value (e.g. critic error size delta)", ylabel, path))
     return written
 
 
