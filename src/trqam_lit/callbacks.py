@@ -24,14 +24,14 @@ class FinalEvaluation(pl.Callback):
 
 
 class EvaluationSummary(pl.Callback):
-    """Keeps every evaluation of a fit (step, which policy acted, success and return) for the closing summary.
+    """Keeps the last evaluation of each policy of a fit (step, success, return) for the closing summary.
 
     The policy is "BC" while v_ft has not been set from v_bc yet (a BC run, or an evaluation at the end of the BC
     warm-up) and "fine-tuned" after, so a run with a warm-up shows the prior next to the fine-tuned policy.
     """
 
     def __init__(self) -> None:
-        self.evaluations: list[dict] = []
+        self.last: dict[str, dict] = {}  # "BC" / "fine-tuned" -> its last evaluation
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module) -> None:
         if trainer.sanity_checking:
@@ -40,18 +40,15 @@ class EvaluationSummary(pl.Callback):
         if "eval/return" not in metrics:
             return
         policy = "BC" if getattr(pl_module, "policy_net", None) is getattr(pl_module, "v_bc", None) else "fine-tuned"
-        row = {"step": trainer.global_step, "policy": policy}
+        row = {"step": trainer.global_step}
         row.update({k.split("/")[1]: float(metrics[k]) for k in ("eval/success", "eval/return") if k in metrics})
-        self.evaluations.append(row)
+        self.last[policy] = row
 
     def summary(self) -> list[str]:
         """The last evaluation of the BC policy and of the fine-tuned one (whichever exist), one line each."""
-        last = {}
-        for row in self.evaluations:
-            last[row["policy"]] = row
         lines = []
         for policy in ("BC", "fine-tuned"):
-            if (row := last.get(policy)) is not None:
+            if (row := self.last.get(policy)) is not None:
                 values = ", ".join(f"{k} {row[k]:.3g}" for k in ("success", "return") if k in row)
                 lines.append(f"  {policy + ' policy':<20}{values}  (step {row['step']})")
         return lines
