@@ -1,4 +1,4 @@
-"""Training throughput (steps/s, peak memory) of BC, TRQAM and QAM, and evaluation environment steps/s.
+"""Training throughput (steps/s, peak memory) of BC, TRQAM, QAM and FQL, and evaluation environment steps/s.
 
     python benchmarks/throughput.py                       # every setting, CPU
     python benchmarks/throughput.py --settings cpu-small-b64 --agents trqam --solvers fused torchsde
@@ -28,6 +28,8 @@ SETTINGS = {
     "cpu-small-b256": (256, 37, 25, 5, 256, 2, 10),
     "cpu-small-b64": (64, 37, 25, 5, 256, 2, 10),
 }
+AGENTS = ["bc", "trqam", "qam", "fql"]
+SDE_AGENTS = ("trqam", "qam")  # the agents that have an SDE solver to choose
 
 
 def measure(setting: str, agent: str, solver: str, steps: int, warmup: int, device: str, precision: str) -> dict:
@@ -35,7 +37,7 @@ def measure(setting: str, agent: str, solver: str, steps: int, warmup: int, devi
     import torch
     from torch.utils.data import DataLoader, IterableDataset
 
-    from trqam_lit.agents import BC, QAM, TRQAM
+    from trqam_lit.agents import BC, FQL, QAM, TRQAM
 
     batch, obs, act, horizon, width, critics, K = SETTINGS[setting]
 
@@ -76,6 +78,8 @@ def measure(setting: str, agent: str, solver: str, steps: int, warmup: int, devi
     common = dict(obs_dim=obs, action_dim=act, horizon=horizon, actor_hidden_dims=[width] * 4, flow_steps=K)
     if agent == "bc":
         model = BC(**common)
+    elif agent == "fql":
+        model = FQL(**common, critic_hidden_dims=[width] * 4, num_critics=critics)  # reference alpha, no solver
     else:
         rl = dict(critic_hidden_dims=[width] * 4, num_critics=critics, sde_solver=solver)
         model = (TRQAM if agent == "trqam" else QAM)(**common, **rl)
@@ -96,7 +100,7 @@ def measure(setting: str, agent: str, solver: str, steps: int, warmup: int, devi
     out = {
         "setting": setting,
         "agent": agent,
-        "solver": solver if agent != "bc" else None,
+        "solver": solver if agent in SDE_AGENTS else None,
         "device": device,
         "precision": precision,
         "threads": torch.get_num_threads(),
@@ -143,7 +147,7 @@ def measure_eval(env_name: str, num_envs: int, episodes: int, horizon: int, widt
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--settings", nargs="*", default=list(SETTINGS), choices=list(SETTINGS))
-    parser.add_argument("--agents", nargs="*", default=["bc", "trqam", "qam"], choices=["bc", "trqam", "qam"])
+    parser.add_argument("--agents", nargs="*", default=AGENTS, choices=AGENTS)
     parser.add_argument("--solvers", nargs="*", default=["fused", "torchsde"], choices=["fused", "torchsde"])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
@@ -162,7 +166,7 @@ def main() -> None:
         return
     for setting in args.settings:
         for agent in args.agents:
-            for solver in args.solvers if agent != "bc" else ["fused"]:
+            for solver in args.solvers if agent in SDE_AGENTS else ["fused"]:
                 one = f"{setting},{agent},{solver}"
                 cmd = [sys.executable, __file__, "--one", one, "--steps", str(args.steps), "--warmup", str(args.warmup)]
                 cmd += ["--device", args.device, "--precision", args.precision]

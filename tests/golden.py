@@ -1,4 +1,4 @@
-"""Load the recorded official TRQAM / QAM update (tests/fixtures/golden) into the project's networks."""
+"""Load the recorded official updates (tests/fixtures/golden: TRQAM, QAM, FQL) into the project's networks."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trqam_lit.nets import CriticEnsemble, VelocityField
+from trqam_lit.nets import CriticEnsemble, OneStepPolicy, VelocityField
 
 GOLDEN_DIR = Path(__file__).parent / "fixtures" / "golden"
 
@@ -46,6 +46,59 @@ def critic_param_map(net: CriticEnsemble, prefix: str) -> dict[str, torch.nn.Par
             out[f"{prefix}/value_net/LayerNorm_{i}/scale"] = (ln.weight, False)
             out[f"{prefix}/value_net/LayerNorm_{i}/bias"] = (ln.bias, False)
     return out
+
+
+# The recorded networks of each baseline agent: flax module name -> attribute of the LightningModule.
+AGENT_NETS = {
+    "fql": {"actor_bc_flow": "v_bc", "actor_onestep_flow": "mu", "critic": "critic", "target_critic": "target_critic"},
+}
+# The networks the reference's optimizer trains (every other recorded network is a polyak target).
+AGENT_ONLINE = {"fql": ("critic", "actor_bc_flow", "actor_onestep_flow")}
+
+
+def param_maps(owner, nets: dict[str, str]) -> dict[str, dict]:
+    """flax network name -> {flax leaf name: (torch parameter, transpose?)} for the attributes ``nets`` names."""
+    maps = {}
+    for flax_name, attr in nets.items():
+        net = getattr(owner, attr)
+        maps[flax_name] = (critic_param_map if isinstance(net, CriticEnsemble) else actor_param_map)(net, flax_name)
+    return maps
+
+
+def load_params(maps: dict[str, dict], arrays: dict[str, np.ndarray], group: str = "params_before") -> None:
+    """Copy the recorded ``group`` (params_before / params_after) into the mapped torch parameters."""
+    with torch.no_grad():
+        for net_map in maps.values():
+            for leaf, (param, tr) in net_map.items():
+                value = flax_to_torch(arrays[f"{group}/{leaf}"], tr)
+                assert value.shape == param.shape, (leaf, value.shape, param.shape)
+                param.copy_(value)
+
+
+def record_shapes(arrays: dict[str, np.ndarray], meta: dict) -> dict:
+    """obs_dim, the flattened chunk dim and the network options of a record, for building its networks."""
+    cfg = meta["config"]
+    act = arrays["batch/actions"]
+    return {
+        "obs_dim": arrays["batch/observations"].shape[-1],
+        "action_dim": act.shape[1] * act.shape[2],
+        "hidden_dims": tuple(cfg["actor_hidden_dims"]),
+        "layer_norm": cfg["actor_layer_norm"],
+    }
+
+
+def velocity_field(arrays: dict[str, np.ndarray], meta: dict) -> VelocityField:
+    return VelocityField(**record_shapes(arrays, meta))
+
+
+def onestep_policy(arrays: dict[str, np.ndarray], meta: dict) -> OneStepPolicy:
+    return OneStepPolicy(**record_shapes(arrays, meta))
+
+
+def critic_ensemble(arrays: dict[str, np.ndarray], meta: dict) -> CriticEnsemble:
+    cfg, shapes = meta["config"], record_shapes(arrays, meta)
+    return CriticEnsemble(shapes["obs_dim"], shapes["action_dim"], cfg["num_qs"], tuple(cfg["value_hidden_dims"]),
+                          layer_norm=cfg["value_layer_norm"])  # fmt: skip
 
 
 def flax_to_torch(x: np.ndarray, transpose: bool) -> torch.Tensor:
@@ -108,6 +161,8 @@ def check_reference_config(agent: str, cfg: dict) -> None:
     assert cfg["agent_name"] == agent
     expected = {"action_chunking": True, "bc_only": False, "best_of_n": 1, "clip_adj": True, "clip_grad": True,
                 "target_actor": True, "use_target_grad": True}  # fmt: skip
+    if agent == "fql":  # no adjoint, no clip option (plain optax.adam), no target actor
+        expected = {"action_chunking": True, "bc_only": False, "best_of_n": 1}
     if agent == "qam":
         expected.update(edit_scale=0.0, fql_alpha=0.0, residual=False)  # plain QAM: no edit policy, no FQL term
     for key, value in expected.items():
@@ -132,7 +187,7 @@ NEUTRAL_HPARAMS = frozenset({"max_nonfinite_steps"})
 
 
 def agent_hparams(agent: str, arrays: dict[str, np.ndarray], meta: dict) -> dict:
-    """Every constructor argument of TRQAM / QAM, from the record's config and harness state."""
+    """Every constructor argument of TRQAM / QAM / FQL, from the record's config and harness state."""
     cfg = meta["config"]
     check_reference_config(agent, cfg)
     B, H, act = arrays["batch/actions"].shape
@@ -152,13 +207,15 @@ def agent_hparams(agent: str, arrays: dict[str, np.ndarray], meta: dict) -> dict
         "rho_q": cfg["rho"],
         "lr": cfg["lr"],
         "tau": cfg["tau"],
-        "grad_clip_norm": GRAD_CLIP_NORM,
         # project-only switches, at the values that run the reference's algorithm
         "analytic_critic": False,
         "init_from": None,
         "bc_warmup_steps": 0,
-        "sde_solver": "fused",
     }
+    if agent == "fql":
+        kwargs.update(alpha=cfg["alpha"], grad_clip_norm=None)  # plain optax.adam: no clip
+        return kwargs
+    kwargs.update(grad_clip_norm=GRAD_CLIP_NORM, sde_solver="fused")
     if agent == "trqam":
         dual = dual_hparams(cfg)
         kwargs.update(
@@ -183,13 +240,23 @@ def recorded_draws(arrays: dict[str, np.ndarray], cfg: dict) -> dict[str, torch.
     """
     B, A, K = cfg["batch_size"], cfg["action_dim"] * cfg["horizon_length"], cfg["flow_steps"]
     named = {"critic/next_noise": ("draw/00", (B, 1, A)), "bc/x0": ("draw/01", (B, A)), "bc/t": ("draw/02", (B, 1))}
+    if cfg["agent_name"] == "fql":  # then only the one-step policy's z, shared by the distillation and Q terms
+        named["distill/noise"] = ("draw/03", (B, A))
     for name, (draw, shape) in named.items():
         assert arrays[name].shape == shape, (name, arrays[name].shape, shape)
         np.testing.assert_array_equal(arrays[name], arrays[draw], err_msg=f"{name} is not {draw}")
+    assert cfg["best_of_n"] == 1
+    if cfg["agent_name"] == "fql":
+        assert "draw/04" not in arrays, "more draws recorded than the update makes"
+        return {
+            "critic/next_noise": t(arrays["critic/next_noise"])[:, 0],
+            "bc/x0": t(arrays["bc/x0"]),
+            "bc/t": t(arrays["bc/t"]),
+            "actor/noise": t(arrays["distill/noise"]),
+        }
     am = [arrays[f"draw/{i:02d}"] for i in range(3, 4 + K)]  # x_0, then eps_0..eps_{K-1}
     assert f"draw/{4 + K:02d}" not in arrays, "more draws recorded than the update makes"
     assert all(d.shape == (B, A) for d in am), [d.shape for d in am]
-    assert cfg["best_of_n"] == 1
     return {
         "critic/next_noise": t(arrays["critic/next_noise"])[:, 0],
         "bc/x0": t(arrays["bc/x0"]),

@@ -88,6 +88,32 @@ def test_validate_a_saved_policy_on_the_fixture(fixture_run):
     assert_cube_single_evaluation(scalars)
 
 
+# The baselines through the real CLI with their paper config on the shipped cube-double fixture (the config's env
+# name is the fixture's), shrunk to a few dozen steps: each agent's own scalars every step, finite, one evaluation.
+BASELINE_SCALARS = {"fql": ("actor/distill_loss", "actor/q_loss")}
+COMMON_SCALARS = ("critic/critic_loss", "critic/q_mean", "critic/q_min", "actor/bc_loss", "train/grad_norm",
+                  "train/nonfinite_steps")  # fmt: skip
+BASELINE_STEPS = 24
+
+
+@pytest.mark.parametrize("agent", sorted(BASELINE_SCALARS))
+def test_baseline_paper_config_runs_on_the_fixture(agent, tmp_path):
+    args = ["fit", "--config", str(CONFIGS / agent / "cube-double.yaml"), "--data.init_args.dataset_dir=fixture",
+            *fast_trainer_args(tmp_path, BASELINE_STEPS, BASELINE_STEPS), "--model.init_args.actor_hidden_dims=[32,32]",
+            "--model.init_args.critic_hidden_dims=[32,32]", "--model.init_args.num_critics=2",
+            "--data.init_args.batch_size=16", "--data.init_args.eval_episodes=2", "--data.init_args.eval_envs=2",
+            f"--checkpoint.every_n_train_steps={BASELINE_STEPS}"]  # fmt: skip
+    proc = run_cli(args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    scalars = read_scalars(run_dir(tmp_path))
+    for tag in (*COMMON_SCALARS, *BASELINE_SCALARS[agent]):
+        assert [s for s, _ in scalars.get(tag, [])] == list(range(BASELINE_STEPS)), (tag, sorted(scalars))
+        assert all(math.isfinite(v) for _, v in scalars[tag]), tag
+    assert all(v == 0.0 for _, v in scalars["train/nonfinite_steps"])
+    assert [s for s, _ in scalars["eval/success"]] == [BASELINE_STEPS - 1]
+    assert list(tmp_path.glob("runs/*/version_*/checkpoints/last.ckpt"))
+
+
 def is_grid(path: Path) -> bool:
     """A `trqam-lit-exp` grid file (agents x tasks x seeds), not a `trqam-lit` config."""
     return "agents" in (yaml.safe_load(path.read_text()) or {})

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 
 from helpers import CONFIGS, REPO, assert_kl_is_the_rank_mean, fast_trainer_args, run_cli
@@ -31,3 +32,31 @@ def test_two_process_ddp_keeps_every_rank_identical(tmp_path):
     # DDP broadcasts rank 0's buffers before every forward, so identical lambdas alone would not show the average
     (log_dir,) = (tmp_path / "runs").glob("*/version_*")
     assert_kl_is_the_rank_mean(log_dir, dump, first_step=4)
+
+
+@pytest.mark.parametrize("agent", ["FQL"])
+def test_two_process_ddp_baselines_keep_every_rank_identical(agent, tmp_path):
+    """Each baseline under 2-process DDP through a BC warm-up (idle networks touched) into its own losses: every
+    parameter and buffer ends identical on both ranks, while each rank drew its own noise."""
+    dump = tmp_path / "states"
+    env = {"PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
+    args = [
+        "fit", "--config", str(CONFIGS / "toy" / "bandit.yaml"), *fast_trainer_args(tmp_path, 10, 10),
+        f"--model=trqam_lit.agents.{agent}", "--model.init_args.bc_warmup_steps=3",
+        "--model.init_args.analytic_critic=false", "--trainer.strategy=ddp", "--trainer.devices=2",
+        "--trainer.accelerator=cpu", "--data.init_args.batch_size=32", "--data.init_args.eval_samples=64",
+        "--trainer.callbacks+=helpers.StateDump", f"--trainer.callbacks.dirpath={dump}",
+        "--trainer.callbacks+=helpers.StepValues", f"--trainer.callbacks.dirpath={dump}",
+    ]  # fmt: skip
+    proc = run_cli(args, cwd=tmp_path, env={**env, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r0, r1 = (torch.load(dump / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert r0.keys() == r1.keys()
+    for key in r0:
+        torch.testing.assert_close(r0[key], r1[key], rtol=0, atol=0, msg=f"{key} differs between ranks")
+    v0, v1 = (torch.load(dump / f"values-rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert sorted(v0) == sorted(v1) == list(range(10))
+    for step in v0:
+        assert v0[step].keys() == v1[step].keys()
+        for name in v0[step]:
+            assert v0[step][name] != v1[step][name], (step, name)  # own batch, own draws: own losses

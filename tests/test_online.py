@@ -202,10 +202,10 @@ def toy_fit(root, *extra: str):
     return read_scalars(run_dir(root))
 
 
-@pytest.mark.parametrize("agent", ["BC", "QAM"])
+@pytest.mark.parametrize("agent", ["BC", "QAM", "FQL"])
 def test_other_agents_run_the_online_phase_unchanged(agent, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    extra = ["--model.init_args.bc_warmup_steps=0"] if agent == "QAM" else []
+    extra = ["--model.init_args.bc_warmup_steps=0"] if agent != "BC" else []
     scalars = toy_fit(tmp_path, f"--model=trqam_lit.agents.{agent}", "--trainer.max_steps=20", *extra,
                       "--online.online_steps=30", "--online.start_training=5", "--trainer.val_check_interval=1000",
                       "--trainer.log_every_n_steps=5")  # fmt: skip

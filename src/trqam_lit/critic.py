@@ -1,8 +1,11 @@
-"""Critic side: the chunked TD target and the ensemble regression loss (spec section 5)."""
+"""Critic side: the chunked TD target, the ensemble regression loss (spec section 5), and the actor's Q term."""
 
 from __future__ import annotations
 
-from torch import Tensor
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
 
 
 def ensemble_pessimistic_value(q: Tensor, rho_q: float) -> Tensor:
@@ -19,3 +22,17 @@ def td_target(reward: Tensor, mask: Tensor, next_q: Tensor, discount: float, hor
 def critic_loss(q: Tensor, target: Tensor, valid: Tensor) -> Tensor:
     """L_Q = mean_{j, batch}(valid_H * (Q_j(s, a) - y)^2); ``q`` is (E, B), ``target`` and ``valid`` (B,)."""
     return (valid.float() * (q.float() - target.detach()).pow(2)).mean()
+
+
+def actor_q_loss(critic: nn.Module | Callable[[Tensor, Tensor], Tensor], s: Tensor, a: Tensor) -> Tensor:
+    """L_pi^Q = -mean_b mean_j Q_j(s, a) with the critic at its current weights held fixed: the gradient reaches
+    ``a`` (the policy that produced it), never the critic. No 1/|Q| normalisation, no valid mask (FQL's reference).
+
+    ``critic`` is an ensemble (E, B) or a plain function of (s, a) (the toy's analytic reward).
+    """
+    if isinstance(critic, nn.Module):
+        frozen = {name: p.detach() for name, p in critic.named_parameters()}
+        q = torch.func.functional_call(critic, frozen, (s, a))
+    else:
+        q = critic(s, a)
+    return -q.float().mean()

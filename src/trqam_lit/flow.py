@@ -1,12 +1,15 @@
-"""Flow policy: deterministic Euler ODE sampling and the behaviour-cloning flow-matching loss (spec section 1)."""
+"""Flow policy: deterministic Euler ODE sampling, the behaviour-cloning flow-matching loss (spec section 1), and the
+one-step policy's action and distillation loss (FQL)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import Tensor
 
 VelocityFn = Callable[[Tensor, Tensor, Tensor | float], Tensor]
+OneStepFn = Callable[[Tensor, Tensor], Tensor]
 
 ACTION_CLIP = 1.0
 
@@ -33,3 +36,23 @@ def bc_flow_loss(v_bc: VelocityFn, s: Tensor, a: Tensor, x0: Tensor, t: Tensor, 
     x_t = (1.0 - t) * x0 + t * a
     err = (v_bc(s, x_t, t).float() - (a - x0).float()).pow(2).mean(dim=-1)
     return (valid.float() * err).mean()
+
+
+def onestep_actions(mu: OneStepFn, s: Tensor, noise: Tensor) -> Tensor:
+    """The one-step policy's action chunk: mu(s, z) clipped to [-1, 1]."""
+    return mu(s, noise).clamp(-ACTION_CLIP, ACTION_CLIP)
+
+
+def distillation_loss(
+    mu: OneStepFn, teacher: VelocityFn, s: Tensor, z: Tensor, num_steps: int
+) -> tuple[Tensor, Tensor]:
+    """(L_distill, mu(s, z)): L_distill = mean_{batch, dims} (mu(s, z) - clip(ODE_teacher(s, z)))^2.
+
+    The target is the teacher's clipped K-step Euler ODE from the same noise ``z`` (B, A), under stop-gradient:
+    the loss trains mu only, never the teacher. mu's output is compared unclipped and returned for the Q term.
+    No valid mask (the reference's).
+    """
+    with torch.no_grad():
+        target = sample_actions(teacher, s, z, num_steps)
+    pred = mu(s, z)
+    return (pred.float() - target.float()).pow(2).mean(), pred

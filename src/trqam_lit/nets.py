@@ -1,4 +1,5 @@
-"""Networks: the MLP trunk, the velocity field v(s, x, t) and the batched critic ensemble Q_j(s, a).
+"""Networks: the MLP trunk, the velocity field v(s, x, t), the one-step policy mu(s, z) and the batched critic
+ensemble Q_j(s, a).
 
 All follow spec method.md section 5: hidden layers Dense -> GELU (tanh approximation) -> optional LayerNorm
 (eps 1e-6), Xavier-uniform weights, zero biases, a linear output layer.
@@ -146,6 +147,26 @@ class VelocityField(nn.Module):
         lead = x.shape[:-1]
         inp = torch.cat([s.to(x.dtype).expand(*lead, s.shape[-1]), x, t.to(x.dtype).expand(*lead, 1)], dim=-1)
         return MLPLinearization(self.mlp, inp, slice(self.obs_dim, self.obs_dim + self.action_dim))
+
+
+class OneStepPolicy(nn.Module):
+    """One-step flow policy mu(s, z): noise z to an action chunk in one network call (FQL, QAM-F).
+
+    The same MLP as a velocity field without the time input: concat(s, z), as the reference's
+    ``ActorVectorField`` called without times.
+    """
+
+    def __init__(
+        self, obs_dim: int, action_dim: int, hidden_dims: Sequence[int] = (512,) * 4, layer_norm: bool = False
+    ) -> None:
+        super().__init__()
+        self.obs_dim = obs_dim
+        self.action_dim = action_dim
+        self.mlp = MLP(obs_dim + action_dim, hidden_dims, action_dim, layer_norm)
+
+    def forward(self, s: Tensor, z: Tensor) -> Tensor:
+        s = s.to(z.dtype).expand(*z.shape[:-1], s.shape[-1])
+        return self.mlp(torch.cat([s, z], dim=-1))
 
 
 class EnsembleLinear(nn.Module):

@@ -2,20 +2,32 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import lightning.pytorch as pl
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
 from ..adjoint import AMOutput, adjoint_matching_objective
 from ..callbacks import DualDescentStep
+from ..flow import sample_actions
+from ..nets import VelocityField
 from ..sde import Solver
 from .base import FlowAgent
 
 
 class AdjointMatchingAgent(FlowAgent):
     """L = L_Q + L_BC + L_AM with one optimizer; subclasses set ``lam_eff`` (sigma = g / sqrt(lam_eff)) and
-    ``adj_scale`` (the factor on the terminal adjoint)."""
+    ``adj_scale`` (the factor on the terminal adjoint).
+
+    Networks besides v_bc and the critics: the fine-tuned field v_ft (it acts and gives the TD target's next action)
+    and its prior v_base, the polyak copy of v_bc.
+    """
+
+    # Whether v_ft starts equal to v_bc (and v_base) when neither a BC warm-up nor init_from sets it: TRQAM's trust
+    # region is measured from the prior, so it must start there; QAM's reference trains v_ft from its own init.
+    ft_starts_at_prior: bool = False
 
     def __init__(self, sde_solver: Solver = "torchsde", **kwargs: Any) -> None:
         """
@@ -24,6 +36,31 @@ class AdjointMatchingAgent(FlowAgent):
                 in a plain loop, identical states); the CPU-sized configs choose "fused" (docs/performance.md).
         """
         super().__init__(**kwargs)
+
+    def build_policy(self) -> None:
+        hp = self.hparams
+        if self.ft_starts_at_prior:
+            self.v_ft = copy.deepcopy(self.v_bc)
+        else:
+            self.v_ft = VelocityField(hp.obs_dim, hp.action_dim, hp.actor_hidden_dims, hp.actor_layer_norm)
+        self.v_base = self._frozen_copy(self.v_bc)
+
+    def target_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return [*super().target_pairs(), (self.v_base, self.v_bc)]
+
+    def next_actions(self, s_next: Tensor, noise: Tensor) -> Tensor:
+        return sample_actions(self.v_ft, s_next, noise, self.flow_steps)  # the current v_ft, as the reference
+
+    @torch.no_grad()
+    def copy_bc_into_policy(self) -> None:
+        self.v_base.load_state_dict(self.v_bc.state_dict())
+        self.v_ft.load_state_dict(self.v_bc.state_dict())
+        super().copy_bc_into_policy()
+
+    @property
+    def policy_net(self) -> nn.Module:
+        # Until v_ft has been set from v_bc (during the BC warm-up) the policy being built is v_bc.
+        return self.v_ft if bool(self.policy_from_bc) else self.v_bc
 
     @property
     def lam_eff(self) -> Tensor | float:

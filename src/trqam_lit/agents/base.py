@@ -1,7 +1,10 @@
 """Shared machinery of the flow-policy agents: networks, one optimizer, one global clip, targets, acting, eval.
 
 An agent subclass only sequences pure loss functions in ``training_step`` (and, for TRQAM, steps the dual
-variable); everything a Trainer feature touches (precision, DDP, checkpoints) is handled here once.
+variable); everything a Trainer feature touches (precision, DDP, checkpoints) is handled here once. What differs
+between algorithms is a few hooks: ``build_policy`` (the networks besides v_bc and the critics), ``target_pairs``
+(the polyak targets), ``next_actions`` (the TD target's a'), ``policy_net`` / ``policy_actions`` (acting) and
+``copy_bc_into_policy`` (the end of a BC warm-up).
 """
 
 from __future__ import annotations
@@ -29,16 +32,14 @@ EVAL_METRICS = ("success", "return", "length", "action_mean")
 
 
 class FlowAgent(pl.LightningModule):
-    """Base LightningModule: a BC velocity field ``v_bc`` and, for RL agents, ``v_ft``, ``v_base``, critics.
+    """Base LightningModule: a BC velocity field ``v_bc``, the agent's own policy networks (``build_policy``) and,
+    for RL agents, the critic ensemble and its polyak target.
 
     Shapes (``obs_dim``, ``action_dim`` = H x per-step action dim, ``horizon``, ``discount``) are linked from the
     DataModule by the CLI; never set them by hand.
     """
 
     uses_critic: bool = True
-    # Whether v_ft starts equal to v_bc (and v_base) when neither a BC warm-up nor init_from sets it: TRQAM's trust
-    # region is measured from the prior, so it must start there; QAM's reference trains v_ft from its own init.
-    ft_starts_at_prior: bool = False
 
     def __init__(
         self,
@@ -55,7 +56,7 @@ class FlowAgent(pl.LightningModule):
         rho_q: float = 0.5,
         lr: float = 3e-4,
         tau: float = 0.005,
-        grad_clip_norm: float = 1.0,
+        grad_clip_norm: float | None = 1.0,
         analytic_critic: bool = False,
         init_from: str | None = None,
         bc_warmup_steps: int = 0,
@@ -75,12 +76,13 @@ class FlowAgent(pl.LightningModule):
             flow_steps: K, Euler steps of the flow ODE and the SDE.
             rho_q: pessimism of the TD target, mean - rho_q * std over the target ensemble.
             lr: Adam learning rate (one optimizer over all trained networks).
-            tau: polyak rate of the critic and v_base targets.
-            grad_clip_norm: one global gradient-norm clip over all trained parameters.
+            tau: polyak rate of the targets (``target_pairs``: the critic's, and v_base for the AM agents).
+            grad_clip_norm: one global gradient-norm clip over all trained parameters; None: no clip.
             analytic_critic: use the DataModule's analytic reward as a fixed critic (toy domains only).
-            init_from: checkpoint whose v_bc initialises v_bc, v_base and v_ft (e.g. a BC run's); applied when a
-                fit starts from scratch, ignored when resuming with --ckpt_path (the checkpoint has every weight).
-            bc_warmup_steps: train v_bc alone for this many steps, then copy it into v_base and v_ft.
+            init_from: checkpoint whose v_bc initialises v_bc and what starts from it (``copy_bc_into_policy``: v_base
+                and v_ft of the AM agents), e.g. a BC run's; applied when a fit starts from scratch, ignored when
+                resuming with --ckpt_path (the checkpoint has every weight).
+            bc_warmup_steps: train v_bc alone for this many steps, then ``copy_bc_into_policy`` (v_base, v_ft).
             max_nonfinite_steps: a step whose loss, path-KL estimate or gradient norm is NaN or inf is skipped
                 (weights, targets, lambda unchanged; counted in ``train/nonfinite_steps``); this many in a row stop
                 the run with an error naming the quantity.
@@ -96,13 +98,11 @@ class FlowAgent(pl.LightningModule):
             raise ValueError(f"flow_steps must be at least 2, got {flow_steps}")
         if max_nonfinite_steps < 1:
             raise ValueError(f"max_nonfinite_steps must be >= 1, got {max_nonfinite_steps}")
+        if grad_clip_norm is not None and not grad_clip_norm > 0:
+            raise ValueError(f"grad_clip_norm must be positive or None (no clip), got {grad_clip_norm}")
         self.v_bc = VelocityField(obs_dim, action_dim, actor_hidden_dims, actor_layer_norm)
+        self.build_policy()  # between v_bc and the critics: the order sets the initial weights of a seed
         if self.uses_critic:
-            if self.ft_starts_at_prior:
-                self.v_ft = copy.deepcopy(self.v_bc)
-            else:
-                self.v_ft = VelocityField(obs_dim, action_dim, actor_hidden_dims, actor_layer_norm)
-            self.v_base = self._frozen_copy(self.v_bc)
             self.critic = CriticEnsemble(obs_dim, action_dim, num_critics, critic_hidden_dims, critic_layer_norm)
             self.target_critic = self._frozen_copy(self.critic)
         self.analytic_q = None
@@ -128,9 +128,31 @@ class FlowAgent(pl.LightningModule):
         target.requires_grad_(False)
         return target
 
+    # ---- hooks of the algorithms ----------------------------------------------------------------------------
+    def build_policy(self) -> None:
+        """Build the agent's networks besides v_bc and the critics (v_ft and v_base; a one-step policy; ...).
+
+        Called in ``__init__`` after v_bc and before the critics, with ``self.hparams`` set. Targets are
+        ``_frozen_copy``s; every other parameter with ``requires_grad`` is trained by the one optimizer. BC: none.
+        """
+
+    def target_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        """(target, online) pairs that the polyak step mixes, with the pre-step online weights."""
+        return [(self.target_critic, self.critic)] if self.uses_critic else []
+
+    def next_actions(self, s_next: Tensor, noise: Tensor) -> Tensor:
+        """The TD target's next action chunk a' at s' from the given noise (called under ``no_grad``)."""
+        raise NotImplementedError(f"{type(self).__name__} does not define the TD target's next action")
+
+    @torch.no_grad()
+    def copy_bc_into_policy(self) -> None:
+        """The start of fine-tuning (a BC warm-up ended, or ``init_from``): nets that start from v_bc are set here;
+        subclasses copy, then call this."""
+        self.policy_from_bc.fill_(True)
+
     # ---- set-up -------------------------------------------------------------------------------------------
     def load_bc_weights(self, path: str) -> None:
-        """Copy a checkpoint's v_bc into v_bc, v_base and v_ft (the start of fine-tuning)."""
+        """Copy a checkpoint's v_bc into v_bc, then ``copy_bc_into_policy`` (the start of fine-tuning)."""
         if not Path(path).is_file():
             raise FileNotFoundError(f"init_from checkpoint not found: {path}")
         check_checkpoint_file(path)  # a truncated or foreign file: a message naming it, not a pickle traceback
@@ -146,13 +168,6 @@ class FlowAgent(pl.LightningModule):
         except RuntimeError as err:
             raise ValueError(f"init_from {path}: its v_bc does not match this model's shapes: {err}") from None
         self.copy_bc_into_policy()
-
-    @torch.no_grad()
-    def copy_bc_into_policy(self) -> None:
-        if self.uses_critic:
-            self.v_base.load_state_dict(self.v_bc.state_dict())
-            self.v_ft.load_state_dict(self.v_bc.state_dict())
-        self.policy_from_bc.fill_(True)
 
     def setup(self, stage: str) -> None:
         if stage == "fit":
@@ -200,9 +215,9 @@ class FlowAgent(pl.LightningModule):
     def draw(self, name: str, *shape: int, uniform: bool = False) -> Tensor:
         """Every random draw of a training step goes through here (tests feed recorded draws by name).
 
-        Names: ``bc/x0``, ``bc/t`` (uniform), ``critic/next_noise``, ``am/x0``, ``am/eps``. Draws come, in this
-        order, from a generator seeded with (seed, rank, global step): a resumed run repeats an uninterrupted one's
-        draws, and every DDP rank draws its own.
+        Names: ``bc/x0``, ``bc/t`` (uniform), ``critic/next_noise``, ``am/x0``, ``am/eps``, ``actor/noise`` (the
+        one-step policy's z). Draws come, in this order, from a generator seeded with (seed, rank, global step): a
+        resumed run repeats an uninterrupted one's draws, and every DDP rank draws its own.
         """
         if self._gen is None or self._gen.device != self.device:
             self._gen = torch.Generator(device=self.device)
@@ -243,15 +258,15 @@ class FlowAgent(pl.LightningModule):
         return bc_flow_loss(self.v_bc, s, a, x0, t, batch["valid"])
 
     def critic_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """(L_Q, Q(s, a) of every member, detached) with the next action from the current v_ft ODE; zero loss for
-        an analytic critic."""
+        """(L_Q, Q(s, a) of every member, detached) with the next action from ``next_actions`` (the AM agents: the
+        current v_ft ODE); zero loss for an analytic critic."""
         s, a = batch["observations"], batch["actions"]
         if self.analytic_q is not None:
             with torch.no_grad():
                 return torch.zeros((), device=a.device), self.analytic_q(s, a).float()
         with torch.no_grad():
             s_next = batch["next_observations"]
-            a_next = sample_actions(self.v_ft, s_next, self.draw("critic/next_noise", *a.shape), self.flow_steps)
+            a_next = self.next_actions(s_next, self.draw("critic/next_noise", *a.shape))
             next_q = ensemble_pessimistic_value(self.target_critic(s_next, a_next), self.hparams.rho_q)
             y = td_target(batch["rewards"], batch["masks"], next_q, self.hparams.discount, self.hparams.horizon)
         q = self.critic(s, a)
@@ -286,9 +301,9 @@ class FlowAgent(pl.LightningModule):
         self.nonfinite_run.zero_()
         self._update_kl = reduced.get("kl")
         # Targets mix the PRE-step online weights (the reference's one-step lag), so update them here.
-        if self.uses_critic and not self.in_bc_warmup:
-            polyak_update(self.target_critic, self.critic, self.hparams.tau)
-            polyak_update(self.v_base, self.v_bc, self.hparams.tau)
+        if not self.in_bc_warmup:
+            for target, online in self.target_pairs():
+                polyak_update(target, online, self.hparams.tau)
 
     def _skip_update(self, optimizer, local: dict[str, Tensor], reduced: dict[str, Tensor]) -> None:
         """No weight, Adam, target or dual update for this step (Adam skips parameters without a gradient)."""
@@ -316,7 +331,7 @@ class FlowAgent(pl.LightningModule):
             raise FloatingPointError(
                 f"{int(self.nonfinite_run)} consecutive steps with a non-finite value (last: {what}, global step "
                 f"{self.global_step}); no weight, target or lambda was changed by them. Check the data for NaN/inf "
-                "rows, lower model.init_args.lr or model.init_args.grad_clip_norm, use precision 32 instead of "
+                "rows, lower model.init_args.lr or set model.init_args.grad_clip_norm, use precision 32 instead of "
                 "16-mixed, or resume from the last checkpoint with another seed; "
                 "model.init_args.max_nonfinite_steps sets how many skipped steps in a row are tolerated"
             )
@@ -326,8 +341,10 @@ class FlowAgent(pl.LightningModule):
         if gradient_clip_val is not None:
             raise ValueError(
                 "trainer.gradient_clip_val is not used by trqam-lit agents: set model.init_args.grad_clip_norm "
-                "(one global norm clip over all trained parameters, 1.0 by default)"
+                "(one global norm clip over all trained parameters; its default is the agent's reference's)"
             )
+        if self.hparams.grad_clip_norm is None:  # agents whose reference has no clip (FQL)
+            return
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if params:
             torch.nn.utils.clip_grads_with_norm_(params, self.hparams.grad_clip_norm, self.grad_norm)
@@ -357,16 +374,20 @@ class FlowAgent(pl.LightningModule):
     # ---- acting and evaluation --------------------------------------------------------------------------------
     @property
     def policy_net(self) -> nn.Module:
-        # Until v_ft has been set from v_bc (during the BC warm-up) the policy being built is v_bc.
-        return self.v_ft if self.uses_critic and bool(self.policy_from_bc) else self.v_bc
+        """The acting network; v_bc here (BC) and, in every agent, until fine-tuning starts (the BC warm-up)."""
+        return self.v_bc
+
+    def policy_actions(self, s: Tensor, noise: Tensor) -> Tensor:
+        """The acting policy's action chunk from the given noise: here the Euler ODE of ``policy_net``, clipped."""
+        return sample_actions(self.policy_net, s, noise, self.flow_steps)
 
     @torch.no_grad()
     def act(self, obs: Tensor, noise: Tensor | None = None) -> Tensor:
-        """Deterministic Euler ODE from fresh noise with the acting field, clipped: (B, H * act_dim)."""
+        """The acting policy (``policy_actions``) from fresh noise, clipped: (B, H * act_dim)."""
         obs = obs.to(self.device, torch.float32)
         if noise is None:
             noise = torch.randn(obs.shape[0], self.hparams.action_dim, device=self.device)
-        return sample_actions(self.policy_net, obs, noise, self.flow_steps)
+        return self.policy_actions(obs, noise)
 
     def on_validation_epoch_start(self) -> None:
         dm = self.trainer.datamodule

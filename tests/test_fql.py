@@ -1,0 +1,427 @@
+"""FQL: equality with one recorded update of the official code (pure functions, and the LightningModule + Trainer),
+gradient isolation of each loss, and acting with the one-step policy.
+
+The record (tests/fixtures/golden/fql-update, README there) is agents/fql.py of the official TRQAM repository, which
+carries the QAM repository's FQL: alpha 30, no gradient clip, 4 critics, K 10, H 3. As for TRQAM and QAM
+(test_golden.py), every recorded quantity must come out within 1e-4 relative, and the update is compared as a
+change against the recorded change (golden.update_tolerance).
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from golden import (
+    AGENT_NETS,
+    AGENT_ONLINE,
+    NEUTRAL_HPARAMS,
+    OPTAX_ADAM,
+    UNIFORM_DRAWS,
+    agent_hparams,
+    assert_change_close,
+    check_reference_config,
+    critic_ensemble,
+    flax_to_torch,
+    load,
+    load_params,
+    onestep_policy,
+    param_maps,
+    recorded_draws,
+    t,
+    update_tolerance,
+    velocity_field,
+)
+from helpers import one_torch_thread  # noqa: F401  (autouse)
+from trqam_lit.agents import FQL
+from trqam_lit.critic import actor_q_loss, critic_loss, ensemble_pessimistic_value, td_target
+from trqam_lit.flow import bc_flow_loss, distillation_loss, euler_ode, onestep_actions, sample_actions
+from trqam_lit.targets import polyak_update
+
+RTOL = 1e-4
+NETS, ONLINE = AGENT_NETS["fql"], AGENT_ONLINE["fql"]
+TARGETS = tuple(name for name in NETS if name not in ONLINE)
+
+
+def close(actual: torch.Tensor, expected: np.ndarray, what: str, rtol: float = RTOL, atol: float = 1e-5) -> None:
+    actual = actual.detach().float().cpu().numpy()
+    expected = np.asarray(expected, dtype=np.float32)
+    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol, err_msg=what)
+
+
+def recorded_batch(a: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """The batch as the DataModule hands it to an agent: the chunk flattened, the chunk's last reward/mask/valid/s'."""
+    B = a["batch/actions"].shape[0]
+    return {
+        "observations": t(a["batch/observations"]),
+        "actions": t(a["batch/actions"]).reshape(B, -1),
+        "rewards": t(a["batch/rewards"])[:, -1],
+        "masks": t(a["batch/masks"])[:, -1],
+        "valid": t(a["batch/valid"])[:, -1],
+        "next_observations": t(a["batch/next_observations"])[:, -1],
+    }
+
+
+def capture_calls(net: torch.nn.Module) -> list:
+    """(inputs..., output, whether the output carries a graph) of every forward call of ``net``."""
+    calls = []
+
+    def hook(module, args, out):
+        calls.append((*(x.detach() if torch.is_tensor(x) else x for x in args), out.detach(), out.requires_grad))
+
+    net.register_forward_hook(hook)
+    return calls
+
+
+# ---------------------------------------------------------------- the pure functions, in the reference's order
+
+
+class Update:
+    """The recorded FQL update with the project's pure functions, keeping every intermediate."""
+
+    def __init__(self) -> None:
+        self.arrays, self.meta = a, meta = load("fql")
+        self.cfg = cfg = meta["config"]
+        check_reference_config("fql", cfg)
+        self.nets = n = SimpleNamespace(
+            v_bc=velocity_field(a, meta),
+            mu=onestep_policy(a, meta),
+            critic=critic_ensemble(a, meta),
+            target_critic=critic_ensemble(a, meta),
+        )
+        self.maps = param_maps(n, NETS)
+        load_params(self.maps, a)
+        self.K, self.H, self.alpha = cfg["flow_steps"], cfg["horizon_length"], cfg["alpha"]
+        draws = recorded_draws(a, cfg)
+        batch = recorded_batch(a)
+        self.s, self.next_s = batch["observations"], batch["next_observations"]
+        self.bc_calls, self.critic_calls = capture_calls(n.v_bc), capture_calls(n.critic)
+
+        with torch.no_grad():
+            self.next_raw = n.mu(self.next_s, draws["critic/next_noise"])
+            self.next_actions = onestep_actions(n.mu, self.next_s, draws["critic/next_noise"])
+            self.next_qs = n.target_critic(self.next_s, self.next_actions)
+            self.next_q = ensemble_pessimistic_value(self.next_qs, cfg["rho"])
+            self.target_q = td_target(batch["rewards"], batch["masks"], self.next_q, cfg["discount"], self.H)
+        self.q = n.critic(self.s, batch["actions"])
+        self.critic_loss = critic_loss(self.q, self.target_q, batch["valid"])
+        self.bc_loss = bc_flow_loss(n.v_bc, self.s, batch["actions"], draws["bc/x0"], draws["bc/t"], batch["valid"])
+        self.z = draws["actor/noise"]
+        self.distill_loss, self.mu_out = distillation_loss(n.mu, n.v_bc, self.s, self.z, self.K)
+        self.q_actions = self.mu_out.clamp(-1.0, 1.0)
+        self.q_loss = actor_q_loss(n.critic, self.s, self.q_actions)
+        self.total = self.critic_loss + self.bc_loss + self.alpha * self.distill_loss + self.q_loss
+
+    def step(self) -> None:
+        """Backward, NO clip (plain optax.adam), polyak of the critic with the pre-step weights, Adam."""
+        n, a, cfg = self.nets, self.arrays, self.cfg
+        online = {name: getattr(n, NETS[name]) for name in ONLINE}
+        params = [p for net in online.values() for p in net.parameters()]
+        self.total.backward()
+        self.grads = {name: {leaf: p.grad.clone() for leaf, (p, _) in self.maps[name].items()} for name in online}
+        self.target_grads = [p.grad for p in n.target_critic.parameters()]
+        self.grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        polyak_update(n.target_critic, n.critic, cfg["tau"])
+        self.opt = opt = torch.optim.Adam(params, lr=cfg["lr"], **OPTAX_ADAM)
+        count = float(self.meta["state_set_by_harness"]["adam_count"])
+        assert count == float(a["adam_count_before"])
+        for name in ONLINE:
+            for leaf, (p, tr) in self.maps[name].items():
+                opt.state[p] = {
+                    "step": torch.tensor(count),
+                    "exp_avg": flax_to_torch(a[f"adam_mu_before/{leaf}"], tr),
+                    "exp_avg_sq": flax_to_torch(a[f"adam_nu_before/{leaf}"], tr),
+                }
+        opt.step()
+
+
+@pytest.fixture(scope="module")
+def update() -> Update:
+    up = Update()
+    up.step()
+    return up
+
+
+def test_critic_side_matches(update):
+    a = update.arrays
+    close(update.next_raw, a["critic/next_onestep_raw"][:, 0], "one-step next action before the clip")
+    close(update.next_actions, a["critic/next_actions"], "next actions clip(mu(s', z'))")
+    close(update.next_qs, a["critic/next_qs"], "next qs (target critic)")
+    close(update.next_q, a["critic/next_q"], "next q")
+    close(update.target_q, a["critic/target_q"], "TD target")
+    close(update.q, a["critic/q"], "q")
+    close(update.critic_loss, a["critic/critic_loss"], "critic loss")
+
+
+def test_bc_loss_matches(update):
+    a = update.arrays
+    s, x_t, t_in, pred, _ = update.bc_calls[0]
+    close(t_in, a["bc/t"], "BC time t", rtol=0, atol=0)
+    close(x_t, a["bc/x_t"], "BC x_t")
+    close(pred, a["bc/pred"], "BC prediction")
+    close(update.bc_loss, a["bc/flow_loss"], "bc loss")
+
+
+def test_distillation_matches_with_the_ode_target_under_stop_gradient(update):
+    a, K = update.arrays, update.K
+    close(update.z, a["distill/noise"], "z", rtol=0, atol=0)
+    # After the BC call: the K Euler steps of v_bc from z at t_i = i / K, none of them with a graph.
+    ode_calls = update.bc_calls[1:]
+    assert len(ode_calls) == K
+    for i, (_, x, t_in, _, has_graph) in enumerate(ode_calls):
+        assert not has_graph, f"ODE step {i} of the distillation target carries a graph into v_bc"
+        assert np.float32(t_in) == np.float32(i / K), (i, t_in)  # the time input as the network sees it
+        close(x, a["distill/flow_xs"][i], f"distillation ODE state x_{i}")
+    x_last, v_last = ode_calls[-1][1], ode_calls[-1][3]
+    close(x_last + v_last / K, a["distill/flow_xs"][K], "distillation ODE state x_K")
+    close((x_last + v_last / K).clamp(-1, 1), a["distill/flow_actions"], "target clip(x_K)")
+    close(update.mu_out, a["distill/onestep_actions"], "mu(s, z), unclipped")
+    close(update.distill_loss, a["distill/distill_loss"], "distillation loss")
+    close(update.distill_loss, a["info/actor/distill_loss"], "distillation loss (info)")
+
+
+def test_q_loss_matches(update):
+    a = update.arrays
+    close(update.q_actions, a["qloss/actions"], "clip(mu(s, z))")
+    _, q_actions, qs = update.critic_calls[-1][:3]  # the Q term's critic call
+    close(q_actions, a["qloss/actions"], "the Q term's critic input")
+    close(qs, a["qloss/qs"], "Q_j(s, clip(mu)) of the online critic")
+    close(qs.mean(0), a["qloss/q"], "mean_j Q_j")
+    close(update.q_loss, a["qloss/q_loss"], "Q loss")
+    close(update.bc_loss + update.alpha * update.distill_loss + update.q_loss, a["actor/actor_loss"], "actor loss")
+    close(update.total, a["loss/total"], "total loss")
+
+
+def test_gradients_match_and_the_norm_is_not_clipped(update):
+    a = update.arrays
+    close(update.grad_norm, a["grad_global_norm"], "global grad norm")
+    assert float(a["grad_global_norm"]) > 10.0  # far above any clip: an applied clip could not go unseen
+    for name, leaves in update.grads.items():
+        for leaf, g in leaves.items():
+            tr = "kernel" in leaf and name != "critic"
+            close(g.T if tr else g, a[f"grads/{leaf}"], f"grad {leaf}")
+    assert all(g is None for g in update.target_grads)
+
+
+def test_parameter_and_adam_changes_match(update):
+    a, opt = update.arrays, update.opt
+    for name, net_map in update.maps.items():
+        for leaf, (p, tr) in net_map.items():
+            before, after = a[f"params_before/{leaf}"], a[f"params_after/{leaf}"]
+            tol = update_tolerance(after, target=name in TARGETS)
+            assert_change_close(p.T if tr else p, before, after, **tol, what=f"param {leaf}")
+            if name in TARGETS:
+                continue
+            state = opt.state[p]
+            assert int(state["step"]) == int(a["adam_count_after"]), (leaf, state["step"])
+            for key, rec in (("exp_avg", "adam_mu"), ("exp_avg_sq", "adam_nu")):
+                got = state[key].T if tr else state[key]
+                before, after = a[f"{rec}_before/{leaf}"], a[f"{rec}_after/{leaf}"]
+                assert_change_close(got, before, after, **update_tolerance(after), what=f"{key} {leaf}")
+
+
+# ---------------------------------------------------------------- the LightningModule and a real Trainer step
+
+
+def recorded_fql():
+    arrays, meta = load("fql")
+    cfg = meta["config"]
+    hparams = agent_hparams("fql", arrays, meta)
+    draws = recorded_draws(arrays, cfg)
+
+    class Recorded(FQL):
+        def draw(self, name, *shape, uniform=False):
+            """Hands out the recorded draw; a draw of another shape or kind fails instead of being reshaped."""
+            value = draws[name]
+            assert uniform == (name in UNIFORM_DRAWS), f"{name}: uniform={uniform} but the record drew the other kind"
+            assert tuple(shape) == value.shape, f"{name}: asked for {tuple(shape)}, recorded {tuple(value.shape)}"
+            self.draw_calls.append(name)
+            return value.to(self.device)
+
+        def bc_loss(self, batch):
+            self.bc_out = super().bc_loss(batch)
+            return self.bc_out
+
+        def critic_loss(self, batch):
+            out = super().critic_loss(batch)
+            self.critic_out = out[0]
+            return out
+
+        def actor_losses(self, s):
+            self.actor_out = super().actor_losses(s)
+            return self.actor_out
+
+    model = Recorded(**hparams)
+    assert set(model.hparams) - set(hparams) <= NEUTRAL_HPARAMS, sorted(set(model.hparams) - set(hparams))
+    assert {k: model.hparams[k] for k in hparams} == hparams
+    model.draw_calls = []
+    maps = param_maps(model, NETS)
+    load_params(maps, arrays)
+    return model, maps, recorded_batch(arrays), arrays, meta
+
+
+class AdamState(pl.Callback):
+    """Sets the recorded Adam moments and count before the one training step."""
+
+    def __init__(self, maps, arrays, count: int) -> None:
+        self.maps, self.arrays, self.count = maps, arrays, count
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        (opt,) = trainer.optimizers
+        for flax_name in ONLINE:
+            for leaf, (param, tr) in self.maps[flax_name].items():
+                opt.state[param] = {
+                    "step": torch.tensor(float(self.count)),
+                    "exp_avg": flax_to_torch(self.arrays[f"adam_mu_before/{leaf}"], tr),
+                    "exp_avg_sq": flax_to_torch(self.arrays[f"adam_nu_before/{leaf}"], tr),
+                }
+
+
+def test_one_trainer_step_reproduces_the_recorded_update():
+    model, maps, batch, a, meta = recorded_fql()
+    cfg = meta["config"]
+    count = meta["state_set_by_harness"]["adam_count"]
+    target_calls, mu_calls = capture_calls(model.target_critic), capture_calls(model.mu)
+    trainer = pl.Trainer(
+        max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, accelerator="cpu", devices=1, callbacks=[AdamState(maps, a, count)],
+    )  # fmt: skip
+    trainer.fit(model, train_dataloaders=DataLoader([batch], batch_size=None))
+
+    # every recorded draw asked for once, in the reference's order
+    assert model.draw_calls == ["critic/next_noise", "bc/x0", "bc/t", "actor/noise"], model.draw_calls
+    # the TD target's a' is the one-step policy's, clip(mu(s', z'))
+    ((s_next, a_next, next_qs, _),) = target_calls
+    close(s_next, a["critic/next_obs"], "s'", rtol=0, atol=0)
+    close(a_next, a["critic/next_actions"], "next actions clip(mu(s', z'))")
+    close(next_qs, a["critic/next_qs"], "next qs")
+    close(mu_calls[0][2], a["critic/next_onestep_raw"][:, 0], "mu(s', z') before the clip")
+    close(model.critic_out, a["critic/critic_loss"], "critic loss")
+    close(model.bc_out, a["bc/flow_loss"], "BC loss")
+    close(model.actor_out.distill, a["distill/distill_loss"], "distillation loss")
+    close(model.actor_out.q, a["qloss/q_loss"], "Q loss")
+    total = model.critic_out + model.bc_out + cfg["alpha"] * model.actor_out.distill + model.actor_out.q
+    close(total, a["loss/total"], "total loss")
+
+    # the reference's optax.adam(lr) over exactly the three online networks
+    (opt,) = trainer.optimizers
+    assert opt.defaults["lr"] == cfg["lr"] and opt.defaults["betas"] == OPTAX_ADAM["betas"]
+    assert opt.defaults["eps"] == OPTAX_ADAM["eps"] and opt.defaults["weight_decay"] == 0
+    trained = {id(p) for group in opt.param_groups for p in group["params"]}
+    assert trained == {id(p) for name in ONLINE for p, _ in maps[name].values()}
+
+    # the unclipped update: norm, every parameter and target, the Adam moments and count
+    assert model.grad_norm.item() == pytest.approx(float(a["grad_global_norm"]), rel=1e-4)
+    for flax_name, net_map in maps.items():
+        for leaf, (param, tr) in net_map.items():
+            before, after = a[f"params_before/{leaf}"], a[f"params_after/{leaf}"]
+            tol = update_tolerance(after, target=flax_name not in ONLINE)
+            assert_change_close(param.T if tr else param, before, after, **tol, what=leaf)
+            if flax_name not in ONLINE:
+                continue
+            state = opt.state[param]
+            assert int(state["step"]) == int(a["adam_count_after"]), (leaf, state["step"])
+            for key, rec in (("exp_avg", "adam_mu"), ("exp_avg_sq", "adam_nu")):
+                got = state[key].T if tr else state[key]
+                before, after = a[f"{rec}_before/{leaf}"], a[f"{rec}_after/{leaf}"]
+                assert_change_close(got, before, after, **update_tolerance(after), what=f"{key} {leaf}")
+
+
+# ---------------------------------------------------------------- gradient isolation and acting
+
+
+def small_fql(**kwargs) -> FQL:
+    torch.manual_seed(0)
+    hp = dict(obs_dim=4, action_dim=6, horizon=2, actor_hidden_dims=(16, 16), critic_hidden_dims=(16, 16),
+              num_critics=3, flow_steps=5, alpha=3.0)  # fmt: skip
+    return FQL(**{**hp, **kwargs})
+
+
+def random_batch(B: int = 5, obs: int = 4, act: int = 6) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    return {
+        "observations": torch.randn(B, obs, generator=gen),
+        "actions": torch.rand(B, act, generator=gen) * 2 - 1,
+        "rewards": -torch.rand(B, generator=gen),
+        "masks": torch.ones(B),
+        "valid": torch.ones(B),
+        "next_observations": torch.randn(B, obs, generator=gen),
+    }
+
+
+def test_gradient_isolation_of_each_loss():
+    """torchrl-style, through the agent's own methods: L_Q reaches only the critic, L_BC only v_bc, the distillation
+    and the Q term only mu (the ODE target has no graph into v_bc; the Q term holds the critic fixed)."""
+    model, batch = small_fql(), random_batch()
+    modules = {"v_bc": model.v_bc, "mu": model.mu, "critic": model.critic, "target_critic": model.target_critic}
+    assert {n for n, m in model.named_children() if any(True for _ in m.parameters())} == set(modules)
+
+    def reached(loss):
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        return {n for n, m in modules.items() if any(p.grad is not None and p.grad.abs().sum() > 0
+                                                     for p in m.parameters())}  # fmt: skip
+
+    assert reached(model.critic_loss(batch)[0]) == {"critic"}
+    assert reached(model.bc_loss(batch)) == {"v_bc"}
+    assert reached(model.actor_losses(batch["observations"]).distill) == {"mu"}
+    assert reached(model.actor_losses(batch["observations"]).q) == {"mu"}
+    # the pure function: the distillation target is computed without a graph even when v_bc's input carries one
+    s = batch["observations"].requires_grad_(True)
+    loss, _ = distillation_loss(model.mu, model.v_bc, s, torch.randn(5, 6), 5)
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    assert all(p.grad is None for p in model.v_bc.parameters())
+
+
+def test_acting_and_the_td_target_use_the_one_step_policy():
+    model, batch = small_fql(), random_batch()
+    s, z = batch["observations"], torch.randn(5, 6)
+    expected = model.mu(s, z).clamp(-1, 1)
+    torch.testing.assert_close(model.act(s, z), expected, rtol=0, atol=0)
+    torch.testing.assert_close(model.next_actions(s, z), expected, rtol=0, atol=0)
+    assert model.policy_net is model.mu
+    with torch.no_grad():  # changing v_bc does not change the action; changing mu does
+        model.v_bc.mlp.out.bias.add_(1.0)
+        torch.testing.assert_close(model.act(s, z), expected, rtol=0, atol=0)
+        model.mu.mlp.out.bias.add_(0.5)
+        assert not torch.equal(model.act(s, z), expected)
+    # no v_ft / v_base; the one polyak target is the critic's; no clip by default
+    assert not hasattr(model, "v_ft") and not hasattr(model, "v_base")
+    assert [(tgt, src) for tgt, src in model.target_pairs()] == [(model.target_critic, model.critic)]
+    assert model.hparams.grad_clip_norm is None
+
+
+def test_during_a_bc_warmup_the_bc_flow_acts():
+    model = small_fql(bc_warmup_steps=10)
+    s, z = torch.randn(3, 4), torch.randn(3, 6)
+    assert model.policy_net is model.v_bc
+    torch.testing.assert_close(model.act(s, z), sample_actions(model.v_bc, s, z, 5), rtol=0, atol=0)
+    model.copy_bc_into_policy()  # the end of the warm-up: mu acts from then on
+    assert model.policy_net is model.mu
+    torch.testing.assert_close(model.act(s, z), model.mu(s, z).clamp(-1, 1), rtol=0, atol=0)
+
+
+def test_distillation_compares_the_unclipped_mu_and_the_q_term_sees_it_clipped():
+    """mu's outputs pushed beyond [-1, 1] (the record's stay inside, so it cannot tell): the distillation term
+    compares the UNclipped mu(s, z) with the clipped ODE target; the Q term scores clip(mu(s, z))."""
+    model, batch = small_fql(), random_batch()
+    s, z = batch["observations"], torch.randn(5, 6)
+    model.draw = lambda name, *shape, uniform=False: z  # the one draw of actor_losses
+    with torch.no_grad():
+        model.mu.mlp.out.bias.copy_(torch.tensor([3.0, -3.0, 0.0, 2.0, -2.0, 0.5]))
+        model.v_bc.mlp.out.bias.fill_(2.0)  # an ODE end point outside [-1, 1] too
+        raw, ode = model.mu(s, z), euler_ode(model.v_bc, s, z, 5)
+    assert (raw.abs() > 1).any() and (ode.abs() > 1).any()
+    out = model.actor_losses(s)
+    expected_distill = (raw - ode.clamp(-1, 1)).pow(2).mean()
+    torch.testing.assert_close(out.distill, expected_distill, rtol=1e-6, atol=0)
+    with torch.no_grad():
+        expected_q = -model.critic(s, raw.clamp(-1, 1)).mean()
+    torch.testing.assert_close(out.q, expected_q, rtol=1e-6, atol=0)
