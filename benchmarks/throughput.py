@@ -1,4 +1,5 @@
-"""Training throughput (steps/s, peak memory) of BC, TRQAM, QAM and FQL, and evaluation environment steps/s.
+"""Training throughput (steps/s, peak memory) of BC, TRQAM, QAM, QAM-F, QAM-E, FQL and IFQL, and evaluation
+environment steps/s.
 
     python benchmarks/throughput.py                       # every setting, CPU
     python benchmarks/throughput.py --settings cpu-small-b64 --agents trqam --solvers fused torchsde
@@ -28,8 +29,8 @@ SETTINGS = {
     "cpu-small-b256": (256, 37, 25, 5, 256, 2, 10),
     "cpu-small-b64": (64, 37, 25, 5, 256, 2, 10),
 }
-AGENTS = ["bc", "trqam", "qam", "fql"]
-SDE_AGENTS = ("trqam", "qam")  # the agents that have an SDE solver to choose
+AGENTS = ["bc", "trqam", "qam", "qam-f", "qam-e", "fql", "ifql"]
+SDE_AGENTS = ("trqam", "qam", "qam-f", "qam-e")  # the agents that have an SDE solver to choose
 
 
 def measure(setting: str, agent: str, solver: str, steps: int, warmup: int, device: str, precision: str) -> dict:
@@ -37,7 +38,7 @@ def measure(setting: str, agent: str, solver: str, steps: int, warmup: int, devi
     import torch
     from torch.utils.data import DataLoader, IterableDataset
 
-    from trqam_lit.agents import BC, FQL, QAM, TRQAM
+    from trqam_lit.agents import BC, FQL, IFQL, QAM, QAME, QAMF, TRQAM
 
     batch, obs, act, horizon, width, critics, K = SETTINGS[setting]
 
@@ -80,9 +81,12 @@ def measure(setting: str, agent: str, solver: str, steps: int, warmup: int, devi
         model = BC(**common)
     elif agent == "fql":
         model = FQL(**common, critic_hidden_dims=[width] * 4, num_critics=critics)  # reference alpha, no solver
+    elif agent == "ifql":
+        model = IFQL(**common, critic_hidden_dims=[width] * 4, num_critics=critics)  # reference kappa, no solver
     else:
         rl = dict(critic_hidden_dims=[width] * 4, num_critics=critics, sde_solver=solver)
-        model = (TRQAM if agent == "trqam" else QAM)(**common, **rl)
+        cls = {"trqam": TRQAM, "qam": QAM, "qam-f": QAMF, "qam-e": QAME}[agent]  # the variants at their defaults
+        model = cls(**common, **rl)
     timer = Timer()
     trainer = pl.Trainer(
         accelerator="gpu" if device == "cuda" else "cpu",

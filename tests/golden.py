@@ -1,4 +1,4 @@
-"""Load the recorded official updates (tests/fixtures/golden: TRQAM, QAM, FQL) into the project's networks."""
+"""Load the recorded official updates (tests/fixtures/golden: TRQAM, QAM, FQL, IFQL) into the project's networks."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trqam_lit.nets import CriticEnsemble, OneStepPolicy, VelocityField
+from trqam_lit.nets import CriticEnsemble, LogParam, OneStepPolicy, StateValue, TanhGaussianPolicy, VelocityField
 
 GOLDEN_DIR = Path(__file__).parent / "fixtures" / "golden"
 
@@ -48,12 +48,47 @@ def critic_param_map(net: CriticEnsemble, prefix: str) -> dict[str, torch.nn.Par
     return out
 
 
+def value_param_map(net: StateValue, prefix: str) -> dict[str, torch.nn.Parameter]:
+    """A state value net (IFQL's ``value``: flax ``value_net``, no ensemble axis, kernels (in, out))."""
+    out = {}
+    for i, lin in enumerate([*net.mlp.hidden, net.mlp.out]):
+        out[f"{prefix}/value_net/Dense_{i}/kernel"] = (lin.weight, True)
+        out[f"{prefix}/value_net/Dense_{i}/bias"] = (lin.bias, False)
+    if net.mlp.norms is not None:
+        for i, ln in enumerate(net.mlp.norms):
+            out[f"{prefix}/value_net/LayerNorm_{i}/scale"] = (ln.weight, False)
+            out[f"{prefix}/value_net/LayerNorm_{i}/bias"] = (ln.bias, False)
+    return out
+
+
 # The recorded networks of each baseline agent: flax module name -> attribute of the LightningModule.
 AGENT_NETS = {
     "fql": {"actor_bc_flow": "v_bc", "actor_onestep_flow": "mu", "critic": "critic", "target_critic": "target_critic"},
+    "ifql": {"actor_flow": "v_bc", "value": "value", "critic": "critic", "target_critic": "target_critic"},
 }
+# QAM-F / QAM-E: QAM's networks (the records' target_actor_fast is never used) and the variant's own
+_QAM_NETS = {"actor_fast": "v_ft", "actor_slow": "v_bc", "target_actor_slow": "v_base", "critic": "critic"}
+_QAM_NETS["target_critic"] = "target_critic"
+AGENT_NETS["qam-f"] = {**_QAM_NETS, "one_step_actor": "mu"}
+AGENT_NETS["qam-e"] = {**_QAM_NETS, "edit_actor": "edit_policy", "edit_alpha": "edit_alpha"}
 # The networks the reference's optimizer trains (every other recorded network is a polyak target).
-AGENT_ONLINE = {"fql": ("critic", "actor_bc_flow", "actor_onestep_flow")}
+AGENT_ONLINE = {"fql": ("critic", "actor_bc_flow", "actor_onestep_flow"), "ifql": ("critic", "actor_flow", "value")}
+AGENT_ONLINE["qam-f"] = ("critic", "actor_slow", "actor_fast", "one_step_actor")
+AGENT_ONLINE["qam-e"] = ("critic", "actor_slow", "actor_fast", "edit_actor", "edit_alpha")
+
+
+def qam_e_param_map(net: TanhGaussianPolicy | LogParam, prefix: str) -> dict[str, torch.nn.Parameter]:
+    """QAM-E's edit policy (flax ``TanhNormal``: ``MLP_0`` then the two heads) or its temperature (``LogParam``)."""
+    if isinstance(net, LogParam):
+        return {f"{prefix}/log_value": (net.log_value, False)}
+    out = {}
+    for i, lin in enumerate(net.hidden):
+        out[f"{prefix}/MLP_0/Dense_{i}/kernel"] = (lin.weight, True)
+        out[f"{prefix}/MLP_0/Dense_{i}/bias"] = (lin.bias, False)
+    for head, lin in (("OutputDenseMean", net.mean), ("OutputDenseLogStd", net.log_std)):
+        out[f"{prefix}/{head}/kernel"] = (lin.weight, True)
+        out[f"{prefix}/{head}/bias"] = (lin.bias, False)
+    return out
 
 
 def param_maps(owner, nets: dict[str, str]) -> dict[str, dict]:
@@ -61,6 +96,12 @@ def param_maps(owner, nets: dict[str, str]) -> dict[str, dict]:
     maps = {}
     for flax_name, attr in nets.items():
         net = getattr(owner, attr)
+        if isinstance(net, (TanhGaussianPolicy, LogParam)):
+            maps[flax_name] = qam_e_param_map(net, flax_name)
+            continue
+        if isinstance(net, StateValue):
+            maps[flax_name] = value_param_map(net, flax_name)
+            continue
         maps[flax_name] = (critic_param_map if isinstance(net, CriticEnsemble) else actor_param_map)(net, flax_name)
     return maps
 
@@ -99,6 +140,11 @@ def critic_ensemble(arrays: dict[str, np.ndarray], meta: dict) -> CriticEnsemble
     cfg, shapes = meta["config"], record_shapes(arrays, meta)
     return CriticEnsemble(shapes["obs_dim"], shapes["action_dim"], cfg["num_qs"], tuple(cfg["value_hidden_dims"]),
                           layer_norm=cfg["value_layer_norm"])  # fmt: skip
+
+
+def state_value(arrays: dict[str, np.ndarray], meta: dict) -> StateValue:
+    cfg = meta["config"]
+    return StateValue(record_shapes(arrays, meta)["obs_dim"], tuple(cfg["value_hidden_dims"]), cfg["value_layer_norm"])
 
 
 def flax_to_torch(x: np.ndarray, transpose: bool) -> torch.Tensor:
@@ -158,11 +204,21 @@ GRAD_CLIP_NORM = 1.0
 
 def check_reference_config(agent: str, cfg: dict) -> None:
     """The code paths of the reference this port implements: any other switch would make the record another method."""
-    assert cfg["agent_name"] == agent
+    assert cfg["agent_name"] == ("qam" if agent in ("qam-f", "qam-e") else agent)
     expected = {"action_chunking": True, "bc_only": False, "best_of_n": 1, "clip_adj": True, "clip_grad": True,
                 "target_actor": True, "use_target_grad": True}  # fmt: skip
     if agent == "fql":  # no adjoint, no clip option (plain optax.adam), no target actor
         expected = {"action_chunking": True, "bc_only": False, "best_of_n": 1}
+    if agent == "ifql":  # no adjoint, no clip option, no target actor; best-of-N (num_samples) is its acting
+        expected = {"action_chunking": True, "bc_only": False}
+    if agent == "qam-f":  # QAM with the one-step policy only
+        assert cfg["fql_alpha"] > 0
+        expected.update(edit_scale=0.0, residual=False)
+    if agent == "qam-e":  # QAM with the edit policy only; its target entropy from the multiplier (create())
+        assert cfg["edit_scale"] > 0
+        expected.update(fql_alpha=0.0, residual=False)
+        A = cfg["action_dim"] * cfg["horizon_length"]
+        expected["edit_target_entropy"] = -cfg["edit_target_entropy_multiplier"] * A
     if agent == "qam":
         expected.update(edit_scale=0.0, fql_alpha=0.0, residual=False)  # plain QAM: no edit policy, no FQL term
     for key, value in expected.items():
@@ -187,14 +243,15 @@ NEUTRAL_HPARAMS = frozenset({"max_nonfinite_steps"})
 
 
 def agent_hparams(agent: str, arrays: dict[str, np.ndarray], meta: dict) -> dict:
-    """Every constructor argument of TRQAM / QAM / FQL, from the record's config and harness state."""
+    """Every constructor argument of TRQAM / QAM / FQL / IFQL, from the record's config and harness state."""
     cfg = meta["config"]
     check_reference_config(agent, cfg)
     B, H, act = arrays["batch/actions"].shape
     assert (B, H, act) == (cfg["batch_size"], cfg["horizon_length"], cfg["action_dim"])
-    assert arrays["batch/observations"].shape == (B, *cfg["ob_dims"])
+    ob_dims = cfg["ob_dims"] or arrays["batch/observations"].shape[1:]  # null in the IFQL record: set from the batch
+    assert arrays["batch/observations"].shape == (B, *ob_dims)
     kwargs = {
-        "obs_dim": cfg["ob_dims"][0],
+        "obs_dim": ob_dims[0],
         "action_dim": cfg["action_dim"] * cfg["horizon_length"],  # action chunking: the flattened chunk
         "horizon": cfg["horizon_length"],
         "discount": cfg["discount"],
@@ -215,6 +272,9 @@ def agent_hparams(agent: str, arrays: dict[str, np.ndarray], meta: dict) -> dict
     if agent == "fql":
         kwargs.update(alpha=cfg["alpha"], grad_clip_norm=None)  # plain optax.adam: no clip
         return kwargs
+    if agent == "ifql":
+        kwargs.update(kappa=cfg["kappa"], best_of_n=cfg["num_samples"], grad_clip_norm=None)  # no clip
+        return kwargs
     kwargs.update(grad_clip_norm=GRAD_CLIP_NORM, sde_solver="fused")
     if agent == "trqam":
         dual = dual_hparams(cfg)
@@ -225,6 +285,11 @@ def agent_hparams(agent: str, arrays: dict[str, np.ndarray], meta: dict) -> dict
         )  # fmt: skip
     else:
         kwargs["inv_temp"] = cfg["inv_temp"]
+    if agent == "qam-f":
+        kwargs["fql_alpha"] = cfg["fql_alpha"]
+    if agent == "qam-e":
+        multiplier = cfg["edit_target_entropy_multiplier"]
+        kwargs.update(edit_scale=cfg["edit_scale"], edit_target_entropy_multiplier=multiplier)
     return kwargs
 
 
@@ -239,6 +304,14 @@ def recorded_draws(arrays: dict[str, np.ndarray], cfg: dict) -> dict[str, torch.
     stacked into (K, B, A) (the K-th is unused by the reference: the last step is the noiseless base ODE step).
     """
     B, A, K = cfg["batch_size"], cfg["action_dim"] * cfg["horizon_length"], cfg["flow_steps"]
+    if cfg["agent_name"] == "qam" and (cfg["fql_alpha"] > 0 or cfg["edit_scale"] > 0):
+        return qam_variant_draws(arrays, cfg)
+    if cfg["agent_name"] == "ifql":  # the BC loss's x_0 and t are its only draws
+        for name, draw, shape in (("bc/x0", "draw/00", (B, A)), ("bc/t", "draw/01", (B, 1))):
+            assert arrays[name].shape == shape, (name, arrays[name].shape, shape)
+            np.testing.assert_array_equal(arrays[name], arrays[draw], err_msg=f"{name} is not {draw}")
+        assert "draw/02" not in arrays, "more draws recorded than the update makes"
+        return {"bc/x0": t(arrays["bc/x0"]), "bc/t": t(arrays["bc/t"])}
     named = {"critic/next_noise": ("draw/00", (B, 1, A)), "bc/x0": ("draw/01", (B, A)), "bc/t": ("draw/02", (B, 1))}
     if cfg["agent_name"] == "fql":  # then only the one-step policy's z, shared by the distillation and Q terms
         named["distill/noise"] = ("draw/03", (B, A))
@@ -306,3 +379,39 @@ def update_tolerance(recorded_after: np.ndarray, target: bool = False) -> dict[s
     """
     ulp = float(np.spacing(np.abs(recorded_after).astype(np.float32).max()))
     return {"rtol": 0.0, "atol": ulp} if target else {"rtol": 1e-3, "atol": 4.0 * ulp}
+
+
+def qam_variant_draws(arrays: dict[str, np.ndarray], cfg: dict) -> dict[str, torch.Tensor]:
+    """QAM-F's and QAM-E's recorded draws under FlowAgent.draw's names (see recorded_draws).
+
+    In call order: the critic's next-action noise (QAM-E: then its edit eps), BC x_0 and t, the K + 1 AM draws, then
+    QAM-F's one-step noise z, or QAM-E's flow noise and edit eps. tfp's tanh-Gaussian draws its normals action axis
+    first, (A, B[, 1]): the eps of sample (b, d) is draw[d, b], so the documented moveaxis(draw, 0, -1) puts them in
+    the (B, A) layout of the project's draws.
+    """
+    B, A, K = cfg["batch_size"], cfg["action_dim"] * cfg["horizon_length"], cfg["flow_steps"]
+    edit = cfg["edit_scale"] > 0
+    order = ["critic/next_noise", *(["critic/next_edit_eps"] if edit else []), "bc/x0", "bc/t"]
+    order += ["am/x0", *(f"am/eps{i}" for i in range(K))]  # eps_K-1 is unused by the reference (the base ODE step)
+    order += ["edit/base_noise", "edit/eps"] if edit else ["fql/noise"]
+    assert f"draw/{len(order):02d}" not in arrays and f"draw/{len(order) - 1:02d}" in arrays, "draw count"
+    drawn = {name: arrays[f"draw/{i:02d}"] for i, name in enumerate(order)}
+    shapes = {"critic/next_noise": (B, 1, A), "critic/next_edit_eps": (A, B, 1), "bc/t": (B, 1), "edit/eps": (A, B)}
+    for name, value in drawn.items():
+        assert value.shape == shapes.get(name, (B, A)), (name, value.shape)
+        if name in arrays:  # the readable alias the record gives it
+            np.testing.assert_array_equal(arrays[name], value, err_msg=name)
+    out = {
+        "critic/next_noise": t(drawn["critic/next_noise"])[:, 0],
+        "bc/x0": t(drawn["bc/x0"]),
+        "bc/t": t(drawn["bc/t"]),
+        "am/x0": t(drawn["am/x0"]),
+        "am/eps": torch.stack([t(drawn[f"am/eps{i}"]) for i in range(K)]),
+    }
+    if not edit:
+        out["actor/noise"] = t(drawn["fql/noise"])
+        return out
+    out["critic/next_edit_eps"] = t(np.moveaxis(drawn["critic/next_edit_eps"], 0, -1))[:, 0]
+    out["edit/noise"] = t(drawn["edit/base_noise"])
+    out["edit/eps"] = t(np.moveaxis(drawn["edit/eps"], 0, -1))
+    return out

@@ -90,7 +90,12 @@ def test_validate_a_saved_policy_on_the_fixture(fixture_run):
 
 # The baselines through the real CLI with their paper config on the shipped cube-double fixture (the config's env
 # name is the fixture's), shrunk to a few dozen steps: each agent's own scalars every step, finite, one evaluation.
-BASELINE_SCALARS = {"fql": ("actor/distill_loss", "actor/q_loss")}
+BASELINE_SCALARS = {"fql": ("actor/distill_loss", "actor/q_loss"), "ifql": ("value/value_loss", "value/v_mean")}
+# QAM-F and QAM-E are plain QAM on cube-double (the spec's fql_alpha / edit_scale there is 0): they run their
+# cube-triple config (non-zero) on the fixture's cube-double environment.
+BASELINE_SCALARS["qam-f"] = ("actor/am_loss", "actor/distill_loss", "actor/q_loss")
+BASELINE_SCALARS["qam-e"] = ("actor/am_loss", "actor/edit_q_loss", "actor/edit_alpha_loss", "actor/edit_alpha")
+BASELINE_CONFIG = {"qam-f": "cube-triple.yaml", "qam-e": "cube-triple.yaml"}
 COMMON_SCALARS = ("critic/critic_loss", "critic/q_mean", "critic/q_min", "actor/bc_loss", "train/grad_norm",
                   "train/nonfinite_steps")  # fmt: skip
 BASELINE_STEPS = 24
@@ -98,7 +103,9 @@ BASELINE_STEPS = 24
 
 @pytest.mark.parametrize("agent", sorted(BASELINE_SCALARS))
 def test_baseline_paper_config_runs_on_the_fixture(agent, tmp_path):
-    args = ["fit", "--config", str(CONFIGS / agent / "cube-double.yaml"), "--data.init_args.dataset_dir=fixture",
+    config = CONFIGS / agent / BASELINE_CONFIG.get(agent, "cube-double.yaml")
+    args = ["fit", "--config", str(config), "--data.init_args.dataset_dir=fixture",
+            "--data.init_args.env_name=cube-double-play-singletask-task1-v0",
             *fast_trainer_args(tmp_path, BASELINE_STEPS, BASELINE_STEPS), "--model.init_args.actor_hidden_dims=[32,32]",
             "--model.init_args.critic_hidden_dims=[32,32]", "--model.init_args.num_critics=2",
             "--data.init_args.batch_size=16", "--data.init_args.eval_episodes=2", "--data.init_args.eval_envs=2",

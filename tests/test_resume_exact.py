@@ -2,7 +2,8 @@
 
 The experiment a user would try: the quickstart on the shipped fixture with 100 BC steps, 300 steps, a checkpoint
 every 150; one run straight through, another killed after step 150 and resumed from its step-150 checkpoint. Once
-with TRQAM (the quickstart's agent), once per other agent with a state of its own (FQL: the one-step policy).
+with TRQAM (the quickstart's agent), once per other agent with a state of its own (FQL: the one-step policy;
+IFQL: the value net).
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ QUICK = str(CONFIGS / "quickstart.yaml")
 AGENTS = {
     "TRQAM": ([], 100, 300, ("actor/am_loss", "critic/critic_loss", "dual/kl", "dual/lambda")),
     "FQL": (["--model=trqam_lit.agents.FQL"], 40, 200, ("actor/distill_loss", "actor/q_loss", "critic/critic_loss")),
+    "IFQL": (["--model=trqam_lit.agents.IFQL"], 40, 200, ("value/value_loss", "critic/critic_loss", "actor/bc_loss")),
+    "QAMF": (["--model=trqam_lit.agents.QAMF"], 40, 200, ("actor/am_loss", "actor/distill_loss", "actor/q_loss")),
+    "QAME": (["--model=trqam_lit.agents.QAME"], 40, 200, ("actor/am_loss", "actor/edit_q_loss", "actor/edit_alpha")),
 }
 
 

@@ -1,4 +1,5 @@
-"""Critic side: the chunked TD target, the ensemble regression loss (spec section 5), and the actor's Q term."""
+"""Critic side: the chunked TD target, the ensemble regression loss (spec section 5), the actor's Q term, and IFQL's
+expectile value loss."""
 
 from __future__ import annotations
 
@@ -36,3 +37,15 @@ def actor_q_loss(critic: nn.Module | Callable[[Tensor, Tensor], Tensor], s: Tens
     else:
         q = critic(s, a)
     return -q.float().mean()
+
+
+def expectile_weight(diff: Tensor, kappa: float) -> Tensor:
+    """|kappa - 1(diff < 0)|: kappa where diff = y - v >= 0 (ties included, as the reference), 1 - kappa otherwise."""
+    return torch.where(diff >= 0, kappa, 1.0 - kappa)
+
+
+def expectile_loss(target: Tensor, v: Tensor, kappa: float) -> Tensor:
+    """L_V = mean_b expectile_weight(y - v) (y - v)^2 (IFQL's value loss, no valid mask). ``target`` y (B,) is held
+    fixed (detached): the gradient reaches ``v`` only."""
+    diff = target.detach().float() - v.float()
+    return (expectile_weight(diff, kappa) * diff.pow(2)).mean()

@@ -1,5 +1,5 @@
 """Flow policy: deterministic Euler ODE sampling, the behaviour-cloning flow-matching loss (spec section 1), and the
-one-step policy's action and distillation loss (FQL)."""
+one-step policy's action and distillation loss (FQL), and best-of-N sampling (IFQL)."""
 
 from __future__ import annotations
 
@@ -56,3 +56,15 @@ def distillation_loss(
         target = sample_actions(teacher, s, z, num_steps)
     pred = mu(s, z)
     return (pred.float() - target.float()).pow(2).mean(), pred
+
+
+def best_of_n_actions(
+    v: VelocityFn, critic: Callable[[Tensor, Tensor], Tensor], s: Tensor, noise: Tensor, num_steps: int
+) -> Tensor:
+    """Best-of-N: the N clipped ODE samples per state from ``noise`` (N, B, A), scored by min_j Q_j(s, a) of the
+    ``critic`` (E, N * B); the highest-scoring sample of each state, (B, A) (first one on a tie, as jnp.argmax)."""
+    n, b = noise.shape[:2]
+    actions = sample_actions(v, s, noise, num_steps)  # s (B, O) is broadcast over the N samples
+    q = critic(s.expand(n, *s.shape).reshape(n * b, -1), actions.reshape(n * b, -1))
+    best = q.float().reshape(-1, n, b).min(dim=0).values.argmax(dim=0)  # (B,)
+    return actions[best, torch.arange(b, device=actions.device)]

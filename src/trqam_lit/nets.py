@@ -1,5 +1,5 @@
-"""Networks: the MLP trunk, the velocity field v(s, x, t), the one-step policy mu(s, z) and the batched critic
-ensemble Q_j(s, a).
+"""Networks: the MLP trunk, the velocity field v(s, x, t), the one-step policy mu(s, z), the batched critic
+ensemble Q_j(s, a), the state value V(s) (IFQL), and a tanh-Gaussian policy and a learned temperature (QAM-E).
 
 All follow spec method.md section 5: hidden layers Dense -> GELU (tanh approximation) -> optional LayerNorm
 (eps 1e-6), Xavier-uniform weights, zero biases, a linear output layer.
@@ -224,3 +224,56 @@ class CriticEnsemble(nn.Module):
             if self.norms is not None:
                 x = self.norms[i](x)
         return self.out(x).squeeze(-1)
+
+
+class StateValue(nn.Module):
+    """State value V(s): one MLP (not an ensemble) on s, returns (B,); IFQL's value net (the critic's widths, LN)."""
+
+    def __init__(self, obs_dim: int, hidden_dims: Sequence[int] = (512,) * 4, layer_norm: bool = True) -> None:
+        super().__init__()
+        self.mlp = MLP(obs_dim, hidden_dims, 1, layer_norm)
+
+    def forward(self, s: Tensor) -> Tensor:
+        return self.mlp(s).squeeze(-1)
+
+
+class TanhGaussianPolicy(nn.Module):
+    """The Gaussian of a tanh-Gaussian policy (QAM-E's edit policy): (mean, log_std) of the pre-tanh x, each (.., A).
+
+    An MLP whose every hidden layer is Linear -> GELU(tanh), the last one included, no LayerNorm (the reference's
+    ``MLP(activate_final=True)``), then two linear heads; log_std is clipped to [log_std_min, log_std_max].
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        action_dim: int,
+        hidden_dims: Sequence[int] = (512,) * 4,
+        log_std_min: float = -20.0,
+        log_std_max: float = 2.0,
+    ) -> None:
+        super().__init__()
+        dims = [in_dim, *hidden_dims]
+        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:], strict=True))
+        self.mean = nn.Linear(dims[-1], action_dim)
+        self.log_std = nn.Linear(dims[-1], action_dim)
+        self.log_std_min, self.log_std_max = log_std_min, log_std_max
+        for lin in [*self.hidden, self.mean, self.log_std]:
+            nn.init.xavier_uniform_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        for lin in self.hidden:
+            x = gelu_tanh(lin(x))
+        return self.mean(x), self.log_std(x).clamp(self.log_std_min, self.log_std_max)
+
+
+class LogParam(nn.Module):
+    """A learned positive scalar alpha = exp(log_value) (a SAC-style temperature), log_value starting at 0."""
+
+    def __init__(self, init_value: float = 1.0) -> None:
+        super().__init__()
+        self.log_value = nn.Parameter(torch.tensor(math.log(init_value)))
+
+    def forward(self) -> Tensor:
+        return self.log_value.exp()

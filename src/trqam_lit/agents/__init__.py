@@ -4,7 +4,10 @@ from .adjoint_matching import AdjointMatchingAgent
 from .base import FlowAgent
 from .bc import BC
 from .fql import FQL
+from .ifql import IFQL
 from .qam import QAM
+from .qam_e import QAME
+from .qam_f import QAMF
 from .trqam import TRQAM
 
-__all__ = ["BC", "FQL", "QAM", "TRQAM", "AdjointMatchingAgent", "FlowAgent"]
+__all__ = ["BC", "FQL", "IFQL", "QAM", "QAME", "QAMF", "TRQAM", "AdjointMatchingAgent", "FlowAgent"]

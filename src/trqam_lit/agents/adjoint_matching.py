@@ -1,4 +1,5 @@
-"""Shared step of the adjoint-matching agents (TRQAM, QAM): critic + BC + adjoint-matching losses."""
+"""Shared step of the adjoint-matching agents (TRQAM, QAM, QAM-F, QAM-E): critic + BC + adjoint-matching losses (+ a
+variant's policy loss)."""
 
 from __future__ import annotations
 
@@ -78,22 +79,33 @@ class AdjointMatchingAgent(FlowAgent):
             lam_eff=self.lam_eff, adj_scale=self.adj_scale, solver=self.hparams.sde_solver,
         )  # fmt: skip
 
+    def policy_loss(self, s: Tensor) -> tuple[Tensor, dict[str, Tensor]] | None:
+        """The loss a variant adds to L_Q + L_BC + L_AM and its terms by scalar name (logged, and checked for NaN/inf
+        before the step): QAM-F's one-step policy, QAM-E's edit policy. TRQAM and QAM: None."""
+        return None
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         bc = self.bc_loss(batch)
         if self.in_bc_warmup:
             self.log_step({"actor/bc_loss": bc}, prog_bar=["actor/bc_loss"])
             self.record(bc_loss=bc)
-            return self.touch_unused(bc, self.v_ft, self.critic)
+            idle = [m for m in self.children() if m is not self.v_bc]  # v_ft, the critic, a variant's networks
+            return self.touch_unused(bc, *idle)
         q_loss, q = self.critic_loss(batch)
         am = self.actor_objective(batch["observations"], batch["actions"].shape[0])
+        extra = self.policy_loss(batch["observations"])
+        terms = extra[1] if extra is not None else {}
         if self.logging_this_step:
             self.log_step({
                 "actor/bc_loss": bc, "critic/critic_loss": q_loss, "critic/q_mean": q.mean(), "critic/q_min": q.min(),
                 "actor/am_loss": am.loss.detach(), "actor/adj_max": am.adj_final.abs().max(),
+                **{name: value.detach() for name, value in terms.items()},
             }, prog_bar=["actor/bc_loss"])  # fmt: skip
         loss = q_loss + bc + am.loss
+        if extra is not None:
+            loss = loss + extra[0]
         # checked for NaN/inf before the optimizer step; the KL feeds the dual step once the update is applied
-        self.record(critic_loss=q_loss, bc_loss=bc, am_loss=am.loss, kl=am.path_kl)
+        self.record(critic_loss=q_loss, bc_loss=bc, am_loss=am.loss, kl=am.path_kl, **terms)
         if self.analytic_q is not None:
             loss = self.touch_unused(loss, self.critic)
         return loss

@@ -1,0 +1,505 @@
+"""QAM-F and QAM-E: equality with one recorded update of the official code each (pure functions, and the
+LightningModule + Trainer), gradient isolation of each loss, and acting with the one-step / edited action.
+
+The records (tests/fixtures/golden/qam-{f,e}-update, README there) are agents/qam.py of the official TRQAM repository
+with fql_alpha 300 / inv_temp 10 (QAM-F) and edit_scale 0.1 / inv_temp 3 (QAM-E): QAM's update plus the variant's
+terms, one Adam after a global-norm clip to 1 (active). As for TRQAM, QAM and FQL, every recorded quantity must come
+out within 1e-4 relative, and the update is compared as a change against the recorded change.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from golden import (
+    AGENT_NETS,
+    AGENT_ONLINE,
+    GRAD_CLIP_NORM,
+    NEUTRAL_HPARAMS,
+    OPTAX_ADAM,
+    UNIFORM_DRAWS,
+    agent_hparams,
+    assert_change_close,
+    check_reference_config,
+    critic_ensemble,
+    flax_to_torch,
+    load,
+    load_params,
+    onestep_policy,
+    param_maps,
+    record_shapes,
+    recorded_draws,
+    update_tolerance,
+    velocity_field,
+)
+from helpers import one_torch_thread  # noqa: F401  (autouse)
+from test_fql import capture_calls, close, recorded_batch
+from trqam_lit.adjoint import adjoint_matching_objective
+from trqam_lit.agents import QAME, QAMF
+from trqam_lit.agents.qam_e import edited_actions
+from trqam_lit.critic import actor_q_loss, critic_loss, ensemble_pessimistic_value, td_target
+from trqam_lit.flow import bc_flow_loss, distillation_loss, onestep_actions, sample_actions
+from trqam_lit.nets import LogParam, TanhGaussianPolicy
+from trqam_lit.tanh_gaussian import tanh_gaussian_log_prob, tanh_gaussian_sample, temperature_loss
+from trqam_lit.targets import polyak_update
+
+VARIANTS = ("qam-f", "qam-e")
+AGENT_CLASS = {"qam-f": QAMF, "qam-e": QAME}
+POLYAK = (("target_critic", "critic"), ("target_actor_slow", "actor_slow"))  # (target, online), flax names
+
+
+def targets_of(variant: str) -> tuple[str, ...]:
+    return tuple(name for name in AGENT_NETS[variant] if name not in AGENT_ONLINE[variant])
+
+
+# ---------------------------------------------------------------- the pure functions, in the reference's order
+
+
+class Update:
+    """The recorded update with the project's pure functions, keeping every intermediate."""
+
+    def __init__(self, variant: str) -> None:
+        self.variant = variant
+        self.arrays, self.meta = a, meta = load(variant)
+        self.cfg = cfg = meta["config"]
+        check_reference_config(variant, cfg)
+        shapes = record_shapes(a, meta)
+        n = SimpleNamespace(v_bc=velocity_field(a, meta), v_ft=velocity_field(a, meta), v_base=velocity_field(a, meta),
+                            critic=critic_ensemble(a, meta), target_critic=critic_ensemble(a, meta))  # fmt: skip
+        if variant == "qam-f":
+            n.mu = onestep_policy(a, meta)
+        else:
+            A = shapes["action_dim"]
+            n.edit_policy = TanhGaussianPolicy(shapes["obs_dim"] + A, A, shapes["hidden_dims"])
+            n.edit_alpha = LogParam()
+        self.nets = n
+        self.maps = param_maps(n, AGENT_NETS[variant])
+        load_params(self.maps, a)
+        self.K, self.H = K, H = cfg["flow_steps"], cfg["horizon_length"]
+        self.draws = d = recorded_draws(a, cfg)
+        batch = recorded_batch(a)
+        s, s_next = self.s, self.next_s = batch["observations"], batch["next_observations"]
+
+        # critic: a' from the variant's acting policy, the target ensemble's pessimistic value
+        with torch.no_grad():
+            if variant == "qam-f":
+                self.next_raw = n.mu(s_next, d["critic/next_noise"])
+                self.next_actions = onestep_actions(n.mu, s_next, d["critic/next_noise"])
+            else:
+                self.next_flow = sample_actions(n.v_ft, s_next, d["critic/next_noise"], K)
+                self.next_mean, self.next_log_std = n.edit_policy(torch.cat([s_next, self.next_flow], -1))
+                e, _ = tanh_gaussian_sample(self.next_mean, self.next_log_std, d["critic/next_edit_eps"])
+                self.next_raw = self.next_flow + cfg["edit_scale"] * e
+                self.next_actions = edited_actions(self.next_flow, e, cfg["edit_scale"])
+            self.next_qs = n.target_critic(s_next, self.next_actions)
+            self.next_q = ensemble_pessimistic_value(self.next_qs, cfg["rho"])
+            self.target_q = td_target(batch["rewards"], batch["masks"], self.next_q, cfg["discount"], H)
+        self.q = n.critic(s, batch["actions"])
+        self.critic_loss = critic_loss(self.q, self.target_q, batch["valid"])
+        self.bc_loss = bc_flow_loss(n.v_bc, s, batch["actions"], d["bc/x0"], d["bc/t"], batch["valid"])
+        self.am = adjoint_matching_objective(
+            n.v_ft, n.v_base, n.target_critic, s, d["am/x0"], d["am/eps"], K, H, lam_eff=1.0,
+            adj_scale=cfg["inv_temp"], solver="fused", clip_action=cfg["clip_adj"],
+        )  # fmt: skip
+        self.total = self.critic_loss + self.bc_loss + self.am.loss + self.variant_terms()
+
+    def variant_terms(self) -> torch.Tensor:
+        n, d, cfg, s, K = self.nets, self.draws, self.cfg, self.s, self.K
+        if self.variant == "qam-f":
+            with torch.no_grad():
+                self.flow_actions = sample_actions(n.v_ft, s, d["actor/noise"], K)  # the distillation target
+            self.distill, self.mu_out = distillation_loss(n.mu, n.v_ft, s, d["actor/noise"], K)
+            self.q_actions = self.mu_out.clamp(-1.0, 1.0)
+            self.q_loss = actor_q_loss(n.critic, s, self.q_actions)
+            return cfg["fql_alpha"] * self.distill + self.q_loss
+        with torch.no_grad():
+            self.flow_actions = sample_actions(n.v_ft, s, d["edit/noise"], K)
+        self.mean, self.log_std = n.edit_policy(torch.cat([s, self.flow_actions], -1))
+        self.edit, x = tanh_gaussian_sample(self.mean, self.log_std, d["edit/eps"])
+        self.log_prob = tanh_gaussian_log_prob(self.mean, self.log_std, x)
+        self.edited = edited_actions(self.flow_actions, self.edit, cfg["edit_scale"])
+        self.q_loss = actor_q_loss(n.critic, s, self.edited)
+        self.alpha = n.edit_alpha()
+        self.entropy_loss = (self.log_prob * self.alpha.detach()).mean()
+        target_entropy = -cfg["edit_target_entropy_multiplier"] * cfg["action_dim"] * self.H
+        self.alpha_loss = temperature_loss(self.alpha, self.log_prob, target_entropy)
+        return self.q_loss + self.entropy_loss + self.alpha_loss
+
+    def step(self) -> None:
+        """Backward, the global clip to norm 1, polyak with the pre-step weights, Adam from the recorded state."""
+        n, a, cfg, online = self.nets, self.arrays, self.cfg, AGENT_ONLINE[self.variant]
+        nets = {flax: getattr(n, attr) for flax, attr in AGENT_NETS[self.variant].items()}
+        params = [p for name in online for p in nets[name].parameters()]
+        self.total.backward()
+        self.grads = {name: {leaf: p.grad.clone() for leaf, (p, _) in self.maps[name].items()} for name in online}
+        self.target_grads = [p.grad for name in targets_of(self.variant) for p in nets[name].parameters()]
+        self.grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm=GRAD_CLIP_NORM)
+        for target, source in POLYAK:
+            polyak_update(nets[target], nets[source], cfg["tau"])
+        self.opt = opt = torch.optim.Adam(params, lr=cfg["lr"], **OPTAX_ADAM)
+        count = float(self.meta["state_set_by_harness"]["adam_count"])
+        assert count == float(a["adam_count_before"])
+        for name in online:
+            for leaf, (p, tr) in self.maps[name].items():
+                opt.state[p] = {
+                    "step": torch.tensor(count),
+                    "exp_avg": flax_to_torch(a[f"adam_mu_before/{leaf}"], tr),
+                    "exp_avg_sq": flax_to_torch(a[f"adam_nu_before/{leaf}"], tr),
+                }
+        opt.step()
+
+
+@pytest.fixture(scope="module", params=VARIANTS)
+def update(request) -> Update:
+    up = Update(request.param)
+    up.step()
+    return up
+
+
+def test_critic_side_matches(update):
+    a = update.arrays
+    if update.variant == "qam-f":  # a' = clip(mu(s', z')): the one-step policy
+        close(update.next_raw, a["critic/next_onestep_raw"][:, 0], "mu(s', z') before the clip")
+    else:  # a' = clip(a_flow + edit_scale * tanh(x)), the edit conditioned on (s', a_flow)
+        close(update.next_flow, a["critic/next_flow_actions"][:, 0], "a_flow of the next action")
+        close(update.next_mean, a["critic/next_edit_loc"][:, 0], "edit mean at s'")
+        close(update.next_log_std.exp(), a["critic/next_edit_std"][:, 0], "edit std at s'")
+        close(update.next_raw, a["critic/next_edited_raw"][:, 0], "edited next action before the clip")
+    close(update.next_actions, a["critic/next_actions"], "next actions")
+    close(update.next_qs, a["critic/next_qs"], "next qs (target critic)")
+    close(update.target_q, a["critic/target_q"], "TD target")
+    close(update.q, a["critic/q"], "q")
+    close(update.critic_loss, a["critic/critic_loss"], "critic loss")
+
+
+def test_bc_and_adjoint_matching_match(update):
+    a, am = update.arrays, update.am
+    close(update.bc_loss, a["bc/flow_loss"], "BC loss")
+    close(am.xs, a["am/xs"], "SDE states")
+    close(am.adj_final, a["am/adj_K"], "terminal adjoint")
+    close(am.adjs, a["am/adjs"], "lean adjoints")
+    close(am.loss, a["am/adj_loss"], "AM loss")
+
+
+def test_variant_terms_match(update):
+    a, cfg = update.arrays, update.cfg
+    if update.variant == "qam-f":
+        close(update.flow_actions, a["fql/flow_actions"], "distillation target clip(ODE of v_ft)")
+        close(update.mu_out, a["fql/os_actions"], "mu(s, z), unclipped")
+        close(update.distill, a["fql/distill_loss"], "distillation loss")
+        close(update.q_actions, a["fql/os_actions_clipped"], "clip(mu(s, z))")
+        close(update.q_loss, a["fql/q_loss"], "Q loss")
+        actor = update.bc_loss + update.am.loss + update.q_loss + cfg["fql_alpha"] * update.distill
+    else:
+        close(update.flow_actions, a["edit/flow_actions"], "a_flow = clip(ODE of v_ft)")
+        close(update.mean, a["edit/loc"], "edit mean")
+        close(update.log_std.exp(), a["edit/std"], "edit std")
+        close(update.edit, a["edit/edit"], "edit tanh(x)")
+        close(update.log_prob, a["edit/log_probs"], "log pi_e at the pre-tanh x")
+        close(update.edited, a["edit/edited_actions"], "edited action")
+        close(update.q_loss, a["edit/q_loss"], "edit Q loss")
+        close(update.entropy_loss, a["edit/entropy_loss"], "entropy loss")
+        close(update.alpha, a["edit/alpha"], "alpha")
+        close(-update.log_prob.mean(), a["edit/entropy"], "entropy")
+        close(update.alpha_loss, a["edit/alpha_loss"], "temperature loss")
+        actor = update.bc_loss + update.am.loss + update.q_loss + update.entropy_loss + update.alpha_loss
+    close(actor, a["actor/actor_loss"], "actor loss")
+    close(update.total, a["loss/total"], "total loss")
+
+
+def test_gradients_match_and_the_clip_is_active(update):
+    a = update.arrays
+    close(update.grad_norm, a["grad_global_norm"], "global grad norm before the clip")
+    assert float(a["grad_global_norm"]) > 10 * GRAD_CLIP_NORM
+    for name, leaves in update.grads.items():
+        for leaf, g in leaves.items():
+            tr = update.maps[name][leaf][1]
+            close(g.T if tr else g, a[f"grads/{leaf}"], f"grad {leaf}")
+    assert all(g is None for g in update.target_grads)
+
+
+def test_parameter_and_adam_changes_match(update):
+    a, opt, targets = update.arrays, update.opt, targets_of(update.variant)
+    for name, net_map in update.maps.items():
+        for leaf, (p, tr) in net_map.items():
+            before, after = a[f"params_before/{leaf}"], a[f"params_after/{leaf}"]
+            tol = update_tolerance(after, target=name in targets)
+            assert_change_close(p.T if tr else p, before, after, **tol, what=f"param {leaf}")
+            if name in targets:
+                continue
+            state = opt.state[p]
+            for key, rec in (("exp_avg", "adam_mu"), ("exp_avg_sq", "adam_nu")):
+                got = state[key].T if tr else state[key]
+                before, after = a[f"{rec}_before/{leaf}"], a[f"{rec}_after/{leaf}"]
+                assert_change_close(got, before, after, **update_tolerance(after), what=f"{key} {leaf}")
+
+
+# ---------------------------------------------------------------- the LightningModule and a real Trainer step
+
+
+def recorded_agent(variant: str):
+    arrays, meta = load(variant)
+    cfg = meta["config"]
+    hparams = agent_hparams(variant, arrays, meta)
+    draws = recorded_draws(arrays, cfg)
+    K = cfg["flow_steps"]
+
+    class Recorded(AGENT_CLASS[variant]):
+        def draw(self, name, *shape, uniform=False):
+            """Hands out the recorded draw; a draw of another shape or kind fails instead of being reshaped."""
+            value = draws[name]
+            assert uniform == (name in UNIFORM_DRAWS), f"{name}: uniform={uniform} but the record drew the other kind"
+            if name == "am/eps" and tuple(shape) == (K - 1, *value.shape[1:]):
+                value = value[: K - 1]  # the documented slice: the reference's K-th per-step draw is never used
+            assert tuple(shape) == value.shape, f"{name}: asked for {tuple(shape)}, recorded {tuple(value.shape)}"
+            self.draw_calls.append(name)
+            return value.to(self.device)
+
+        def bc_loss(self, batch):
+            self.bc_out = super().bc_loss(batch)
+            return self.bc_out
+
+        def critic_loss(self, batch):
+            out = super().critic_loss(batch)
+            self.critic_out = out[0]
+            return out
+
+        def actor_objective(self, s, batch_size):
+            self.am_out = super().actor_objective(s, batch_size)
+            return self.am_out
+
+        def policy_loss(self, s):
+            self.policy_out = super().policy_loss(s)
+            return self.policy_out
+
+    model = Recorded(**hparams)
+    assert set(model.hparams) - set(hparams) <= NEUTRAL_HPARAMS, sorted(set(model.hparams) - set(hparams))
+    assert {k: model.hparams[k] for k in hparams} == hparams
+    model.draw_calls = []
+    maps = param_maps(model, AGENT_NETS[variant])
+    load_params(maps, arrays)
+    return model, maps, recorded_batch(arrays), arrays, meta
+
+
+class AdamState(pl.Callback):
+    """Sets the recorded Adam moments and count of the online networks before the one training step."""
+
+    def __init__(self, maps, arrays, online, count: int) -> None:
+        self.maps, self.arrays, self.online, self.count = maps, arrays, online, count
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        (opt,) = trainer.optimizers
+        for flax_name in self.online:
+            for leaf, (param, tr) in self.maps[flax_name].items():
+                opt.state[param] = {
+                    "step": torch.tensor(float(self.count)),
+                    "exp_avg": flax_to_torch(self.arrays[f"adam_mu_before/{leaf}"], tr),
+                    "exp_avg_sq": flax_to_torch(self.arrays[f"adam_nu_before/{leaf}"], tr),
+                }
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_one_trainer_step_reproduces_the_recorded_update(variant):
+    model, maps, batch, a, meta = recorded_agent(variant)
+    cfg, online = meta["config"], AGENT_ONLINE[variant]
+    count = meta["state_set_by_harness"]["adam_count"]
+    target_calls = capture_calls(model.target_critic)
+    trainer = pl.Trainer(
+        max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, accelerator="cpu", devices=1, callbacks=[AdamState(maps, a, online, count)],
+    )  # fmt: skip
+    trainer.fit(model, train_dataloaders=DataLoader([batch], batch_size=None))
+
+    # every recorded draw asked for once
+    assert sorted(model.draw_calls) == sorted(recorded_draws(a, cfg)), model.draw_calls
+    next_calls = [c for c in target_calls if torch.equal(c[0], batch["next_observations"])]
+    assert len(next_calls) == 1, len(next_calls)
+    close(next_calls[0][1], a["critic/next_actions"], "next actions")
+    close(next_calls[0][2], a["critic/next_qs"], "next qs")
+    close(model.critic_out, a["critic/critic_loss"], "critic loss")
+    close(model.bc_out, a["bc/flow_loss"], "BC loss")
+    close(model.am_out.loss, a["am/adj_loss"], "AM loss")
+    extra, terms = model.policy_out
+    if variant == "qam-f":
+        close(terms["actor/distill_loss"], a["fql/distill_loss"], "distillation loss")
+        close(terms["actor/q_loss"], a["fql/q_loss"], "Q loss")
+    else:
+        names = {"edit_q_loss": "q_loss", "edit_entropy_loss": "entropy_loss", "edit_alpha_loss": "alpha_loss",
+                 "edit_entropy": "entropy"}  # fmt: skip
+        for name, rec in names.items():
+            close(terms[f"actor/{name}"], a[f"edit/{rec}"], name)
+    close(model.critic_out + model.bc_out + model.am_out.loss + extra, a["loss/total"], "total loss")
+
+    # the reference's clip(1) + optax.adam(lr) over exactly the online networks (the temperature included)
+    (opt,) = trainer.optimizers
+    assert opt.defaults["lr"] == cfg["lr"] and opt.defaults["betas"] == OPTAX_ADAM["betas"]
+    assert opt.defaults["eps"] == OPTAX_ADAM["eps"] and opt.defaults["weight_decay"] == 0
+    trained = {id(p) for group in opt.param_groups for p in group["params"]}
+    assert trained == {id(p) for name in online for p, _ in maps[name].values()}
+
+    assert model.grad_norm.item() == pytest.approx(float(a["grad_global_norm"]), rel=1e-4)
+    targets = targets_of(variant)
+    for flax_name, net_map in maps.items():
+        for leaf, (param, tr) in net_map.items():
+            before, after = a[f"params_before/{leaf}"], a[f"params_after/{leaf}"]
+            tol = update_tolerance(after, target=flax_name in targets)
+            assert_change_close(param.T if tr else param, before, after, **tol, what=leaf)
+            if flax_name in targets:
+                continue
+            state = opt.state[param]
+            assert int(state["step"]) == int(a["adam_count_after"]), (leaf, state["step"])
+            for key, rec in (("exp_avg", "adam_mu"), ("exp_avg_sq", "adam_nu")):
+                got = state[key].T if tr else state[key]
+                before, after = a[f"{rec}_before/{leaf}"], a[f"{rec}_after/{leaf}"]
+                assert_change_close(got, before, after, **update_tolerance(after), what=f"{key} {leaf}")
+
+
+# ---------------------------------------------------------------- gradient isolation, acting, the tanh-Gaussian
+
+SMALL = dict(obs_dim=4, action_dim=6, horizon=2, actor_hidden_dims=(16, 16), critic_hidden_dims=(16, 16),
+             num_critics=3, flow_steps=5, sde_solver="fused")  # fmt: skip
+
+
+def small(variant: str, **kwargs):
+    torch.manual_seed(0)
+    return AGENT_CLASS[variant](**{**SMALL, **kwargs})
+
+
+def random_batch(B: int = 5, obs: int = 4, act: int = 6) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    return {
+        "observations": torch.randn(B, obs, generator=gen),
+        "actions": torch.rand(B, act, generator=gen) * 2 - 1,
+        "rewards": -torch.rand(B, generator=gen),
+        "masks": torch.ones(B),
+        "valid": torch.ones(B),
+        "next_observations": torch.randn(B, obs, generator=gen),
+    }
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_gradient_isolation_of_each_loss(variant):
+    """Through the agent's own methods: L_Q reaches only the critic, L_BC only v_bc, L_AM only v_ft; QAM-F's
+    distillation and Q terms only mu (v_ft's ODE target without graph, the critic fixed); QAM-E's Q and entropy terms
+    only the edit policy (a_flow without graph, the critic and alpha fixed), the temperature loss only alpha."""
+    model, batch = small(variant), random_batch()
+    own = {"qam-f": ("mu",), "qam-e": ("edit_policy", "edit_alpha")}[variant]
+    names = ("v_bc", "v_ft", "v_base", "critic", "target_critic", *own)
+    modules = {n: getattr(model, n) for n in names}
+    assert {n for n, m in model.named_children() if any(True for _ in m.parameters())} == set(modules)
+
+    def reached(loss):
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        return {n for n, m in modules.items() if any(p.grad is not None and p.grad.abs().sum() > 0
+                                                     for p in m.parameters())}  # fmt: skip
+
+    s = batch["observations"]
+    assert reached(model.critic_loss(batch)[0]) == {"critic"}
+    assert reached(model.bc_loss(batch)) == {"v_bc"}
+    assert reached(model.actor_objective(s, 5).loss) == {"v_ft"}
+    expected = {"qam-f": {"actor/distill_loss": {"mu"}, "actor/q_loss": {"mu"}},
+                "qam-e": {"actor/edit_q_loss": {"edit_policy"}, "actor/edit_entropy_loss": {"edit_policy"},
+                          "actor/edit_alpha_loss": {"edit_alpha"}}}[variant]  # fmt: skip
+    for name, nets in expected.items():
+        assert reached(model.policy_loss(s)[1][name]) == nets, name
+    assert reached(model.policy_loss(s)[0]) == set(own)
+    # the warm-up touches every trained network but v_bc with a zero gradient (DDP), and trains v_bc only
+    warm = small(variant, bc_warmup_steps=10)
+    loss = warm.training_step(batch, 0)
+    loss.backward()
+    for n, m in warm.named_children():
+        for p in m.parameters():
+            if p.requires_grad:
+                assert p.grad is not None, n
+                assert (p.grad.abs().sum() > 0) == (n == "v_bc"), n
+
+
+def test_qam_f_acts_and_bootstraps_with_the_one_step_policy():
+    model, batch = small("qam-f"), random_batch()
+    s, z = batch["observations"], torch.randn(5, 6)
+    expected = model.mu(s, z).clamp(-1, 1)
+    torch.testing.assert_close(model.act(s, z), expected, rtol=0, atol=0)
+    torch.testing.assert_close(model.next_actions(s, z), expected, rtol=0, atol=0)
+    assert model.policy_net is model.mu
+    with torch.no_grad():  # v_ft teaches mu but does not act
+        model.v_ft.mlp.out.bias.add_(1.0)
+        torch.testing.assert_close(model.act(s, z), expected, rtol=0, atol=0)
+    warm = small("qam-f", bc_warmup_steps=10)
+    assert warm.policy_net is warm.v_bc
+    torch.testing.assert_close(warm.act(s, z), sample_actions(warm.v_bc, s, z, 5), rtol=0, atol=0)
+    assert model.hparams.grad_clip_norm == 1.0  # QAM's clip, as the reference
+    assert [t for t, _ in model.target_pairs()] == [model.target_critic, model.v_base]
+
+
+def test_qam_e_acts_and_bootstraps_with_the_edited_flow_action():
+    model, batch = small("qam-e", edit_scale=0.3), random_batch()
+    s, z = batch["observations"], torch.randn(5, 6)
+    with torch.no_grad():
+        model.edit_policy.mean.bias.fill_(1.0)  # an edit that shows
+        a_flow = sample_actions(model.v_ft, s, z, 5)
+    torch.manual_seed(3)
+    acted = model.act(s, z)
+    torch.manual_seed(3)
+    eps = torch.randn_like(z)
+    with torch.no_grad():
+        expected = model.edit(s, a_flow, eps).action
+        mean, log_std = model.edit_policy(torch.cat([s, a_flow], -1))
+        by_hand = (a_flow + 0.3 * (mean + log_std.exp() * eps).tanh()).clamp(-1, 1)
+    torch.testing.assert_close(acted, expected, rtol=0, atol=0)
+    torch.testing.assert_close(acted, by_hand, rtol=1e-6, atol=1e-6)
+    assert not torch.equal(acted, a_flow) and ((acted - a_flow).abs() <= 0.3 + 1e-6).all()
+    # the TD target's a': the same map with the training stream's draw "critic/next_edit_eps"
+    model.draw = lambda name, *shape, uniform=False: eps if name == "critic/next_edit_eps" else None
+    with torch.no_grad():
+        torch.testing.assert_close(model.next_actions(s, z), expected, rtol=0, atol=0)
+    warm = small("qam-e", bc_warmup_steps=10)
+    torch.testing.assert_close(warm.act(s, z), sample_actions(warm.v_bc, s, z, 5), rtol=0, atol=0)
+
+
+def test_the_temperature_is_a_trained_checkpointed_parameter():
+    model = small("qam-e")
+    assert "edit_alpha.log_value" in model.state_dict() and model.edit_alpha.log_value.requires_grad
+    assert model.edit_alpha().item() == 1.0  # log_value 0, the reference's LogParam init
+    assert model.target_entropy == -0.5 * 6
+    with pytest.raises(ValueError, match="plain QAM"):
+        small("qam-e", edit_scale=0.0)
+    with pytest.raises(ValueError, match="plain QAM"):
+        small("qam-f", fql_alpha=0.0)
+
+
+def test_tanh_gaussian_log_prob_is_the_change_of_variables_and_finite_where_atanh_is_not():
+    gen = torch.Generator().manual_seed(0)
+    mean, log_std, eps = (torch.randn(4, 3, generator=gen, dtype=torch.float64) for _ in range(3))
+    e, x = tanh_gaussian_sample(mean, log_std, eps)  # in float64, where torch's atanh(e) still recovers x
+    dist = torch.distributions.TransformedDistribution(
+        torch.distributions.Normal(mean, log_std.exp()), [torch.distributions.TanhTransform()]
+    )
+    torch.testing.assert_close(tanh_gaussian_log_prob(mean, log_std, x), dist.log_prob(e).sum(-1))
+    # a sample far in the tail: tanh(x) rounds to 1, atanh gives inf; the pre-tanh form stays finite
+    big = torch.full((1, 3), 12.0)
+    e, x = tanh_gaussian_sample(big, torch.zeros(1, 3), torch.zeros(1, 3))
+    assert (e == 1.0).all() and torch.isinf(torch.atanh(e)).all()
+    assert torch.isfinite(tanh_gaussian_log_prob(big, torch.zeros(1, 3), x)).all()
+    # the temperature loss: gradient alpha-only, d/d alpha = entropy - target
+    alpha, log_prob = torch.tensor(0.5, requires_grad=True), torch.randn(5, requires_grad=True)
+    temperature_loss(alpha, log_prob, -2.0).backward()
+    assert log_prob.grad is None
+    torch.testing.assert_close(alpha.grad, -log_prob.detach().mean() + 2.0)
+
+
+def test_qam_e_loss_stays_finite_when_the_edit_saturates():
+    """Edits deep in tanh's tail (tanh(x) rounds to +-1 in float32): the log-prob is taken at the sampled pre-tanh x,
+    as tfp's cached value, so every term and gradient stays finite (atanh(tanh(x)) would give inf)."""
+    model, s = small("qam-e"), random_batch()["observations"]
+    with torch.no_grad():
+        model.edit_policy.mean.bias.fill_(12.0)
+    loss, terms = model.policy_loss(s)
+    assert all(torch.isfinite(v).all() for v in terms.values()), terms
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.edit_policy.parameters() if p.grad is not None)
