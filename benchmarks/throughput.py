@@ -1,4 +1,4 @@
-"""Training throughput (steps/s, peak memory) of BC, TRQAM, QAM, QAM-F, QAM-E, FQL and IFQL, and evaluation
+"""Training throughput (steps/s, peak memory) of BC, TRQAM, QAM, QAM-F, QAM-E, FQL, IFQL and DSRL, and evaluation
 environment steps/s.
 
     python benchmarks/throughput.py                       # every setting, CPU
@@ -29,7 +29,7 @@ SETTINGS = {
     "cpu-small-b256": (256, 37, 25, 5, 256, 2, 10),
     "cpu-small-b64": (64, 37, 25, 5, 256, 2, 10),
 }
-AGENTS = ["bc", "trqam", "qam", "qam-f", "qam-e", "fql", "ifql"]
+AGENTS = ["bc", "trqam", "qam", "qam-f", "qam-e", "fql", "ifql", "dsrl"]
 SDE_AGENTS = ("trqam", "qam", "qam-f", "qam-e")  # the agents that have an SDE solver to choose
 
 
@@ -38,7 +38,7 @@ def measure(setting: str, agent: str, solver: str, steps: int, warmup: int, devi
     import torch
     from torch.utils.data import DataLoader, IterableDataset
 
-    from trqam_lit.agents import BC, FQL, IFQL, QAM, QAME, QAMF, TRQAM
+    from trqam_lit.agents import BC, DSRL, FQL, IFQL, QAM, QAME, QAMF, TRQAM
 
     batch, obs, act, horizon, width, critics, K = SETTINGS[setting]
 
@@ -83,6 +83,8 @@ def measure(setting: str, agent: str, solver: str, steps: int, warmup: int, devi
         model = FQL(**common, critic_hidden_dims=[width] * 4, num_critics=critics)  # reference alpha, no solver
     elif agent == "ifql":
         model = IFQL(**common, critic_hidden_dims=[width] * 4, num_critics=critics)  # reference kappa, no solver
+    elif agent == "dsrl":
+        model = DSRL(**common, critic_hidden_dims=[width] * 4, num_critics=critics)  # reference noise_scale, no solver
     else:
         rl = dict(critic_hidden_dims=[width] * 4, num_critics=critics, sde_solver=solver)
         cls = {"trqam": TRQAM, "qam": QAM, "qam-f": QAMF, "qam-e": QAME}[agent]  # the variants at their defaults

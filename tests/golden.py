@@ -71,10 +71,13 @@ _QAM_NETS = {"actor_fast": "v_ft", "actor_slow": "v_bc", "target_actor_slow": "v
 _QAM_NETS["target_critic"] = "target_critic"
 AGENT_NETS["qam-f"] = {**_QAM_NETS, "one_step_actor": "mu"}
 AGENT_NETS["qam-e"] = {**_QAM_NETS, "edit_actor": "edit_policy", "edit_alpha": "edit_alpha"}
+AGENT_NETS["dsrl"] = {"actor_bc_flow": "v_bc", "target_actor_bc_flow": "v_base", "actor": "actor", "alpha": "alpha",
+                      "z_critic": "z_critic", "critic": "critic", "target_critic": "target_critic"}  # fmt: skip
 # The networks the reference's optimizer trains (every other recorded network is a polyak target).
 AGENT_ONLINE = {"fql": ("critic", "actor_bc_flow", "actor_onestep_flow"), "ifql": ("critic", "actor_flow", "value")}
 AGENT_ONLINE["qam-f"] = ("critic", "actor_slow", "actor_fast", "one_step_actor")
 AGENT_ONLINE["qam-e"] = ("critic", "actor_slow", "actor_fast", "edit_actor", "edit_alpha")
+AGENT_ONLINE["dsrl"] = ("critic", "z_critic", "actor_bc_flow", "actor", "alpha")
 
 
 def qam_e_param_map(net: TanhGaussianPolicy | LogParam, prefix: str) -> dict[str, torch.nn.Parameter]:
@@ -221,6 +224,10 @@ def check_reference_config(agent: str, cfg: dict) -> None:
         expected["edit_target_entropy"] = -cfg["edit_target_entropy_multiplier"] * A
     if agent == "qam":
         expected.update(edit_scale=0.0, fql_alpha=0.0, residual=False)  # plain QAM: no edit policy, no FQL term
+    if agent == "dsrl":  # no adjoint, no clip option; the TARGET BC flow is steered; target entropy from the multiplier
+        A = cfg["action_dim"] * cfg["horizon_length"]
+        expected = {"action_chunking": True, "bc_only": False, "best_of_n": 1, "use_target_latent": True,
+                    "target_entropy": -cfg["target_entropy_multiplier"] * A}  # fmt: skip
     for key, value in expected.items():
         assert cfg[key] == value, (key, cfg[key], value)
 
@@ -275,6 +282,10 @@ def agent_hparams(agent: str, arrays: dict[str, np.ndarray], meta: dict) -> dict
     if agent == "ifql":
         kwargs.update(kappa=cfg["kappa"], best_of_n=cfg["num_samples"], grad_clip_norm=None)  # no clip
         return kwargs
+    if agent == "dsrl":
+        multiplier = cfg["target_entropy_multiplier"]
+        kwargs.update(noise_scale=cfg["noise_scale"], target_entropy_multiplier=multiplier, grad_clip_norm=None)
+        return kwargs
     kwargs.update(grad_clip_norm=GRAD_CLIP_NORM, sde_solver="fused")
     if agent == "trqam":
         dual = dual_hparams(cfg)
@@ -306,6 +317,8 @@ def recorded_draws(arrays: dict[str, np.ndarray], cfg: dict) -> dict[str, torch.
     B, A, K = cfg["batch_size"], cfg["action_dim"] * cfg["horizon_length"], cfg["flow_steps"]
     if cfg["agent_name"] == "qam" and (cfg["fql_alpha"] > 0 or cfg["edit_scale"] > 0):
         return qam_variant_draws(arrays, cfg)
+    if cfg["agent_name"] == "dsrl":
+        return dsrl_draws(arrays, cfg)
     if cfg["agent_name"] == "ifql":  # the BC loss's x_0 and t are its only draws
         for name, draw, shape in (("bc/x0", "draw/00", (B, A)), ("bc/t", "draw/01", (B, 1))):
             assert arrays[name].shape == shape, (name, arrays[name].shape, shape)
@@ -415,3 +428,28 @@ def qam_variant_draws(arrays: dict[str, np.ndarray], cfg: dict) -> dict[str, tor
     out["edit/noise"] = t(drawn["edit/base_noise"])
     out["edit/eps"] = t(np.moveaxis(drawn["edit/eps"], 0, -1))
     return out
+
+
+def dsrl_draws(arrays: dict[str, np.ndarray], cfg: dict) -> dict[str, torch.Tensor]:
+    """DSRL's recorded draws under FlowAgent.draw's names (see recorded_draws).
+
+    In call order: the noise policy's eps' at s' (the critic's next action), the latent distillation's z, BC x_0 and
+    t, then the noise policy's eps at s. The two tanh-Gaussian draws are tfp's, action axis first ((A, B, 1) with the
+    critic's best_of_n axis, and (A, B)): moveaxis(draw, 0, -1) gives the (B, A) layout of the project's draws.
+    """
+    B, A = cfg["batch_size"], cfg["action_dim"] * cfg["horizon_length"]
+    order = {"critic/next_latent_eps": (A, B, 1), "distill/noise": (B, A), "bc/x0": (B, A), "bc/t": (B, 1),
+             "actor/eps": (A, B)}  # fmt: skip
+    assert f"draw/{len(order):02d}" not in arrays, "more draws recorded than the update makes"
+    drawn = {name: arrays[f"draw/{i:02d}"] for i, name in enumerate(order)}
+    for name, shape in order.items():
+        assert drawn[name].shape == shape, (name, drawn[name].shape, shape)
+        np.testing.assert_array_equal(arrays[name], drawn[name], err_msg=name)  # the readable alias
+    assert cfg["best_of_n"] == 1
+    return {
+        "critic/next_noise": t(np.moveaxis(drawn["critic/next_latent_eps"], 0, -1))[:, 0],
+        "distill/noise": t(drawn["distill/noise"]),
+        "bc/x0": t(drawn["bc/x0"]),
+        "bc/t": t(drawn["bc/t"]),
+        "actor/eps": t(np.moveaxis(drawn["actor/eps"], 0, -1)),
+    }

@@ -32,6 +32,7 @@ AGENTS = {
     "IFQL": (["--model=trqam_lit.agents.IFQL"], 40, 200, ("value/value_loss", "critic/critic_loss", "actor/bc_loss")),
     "QAMF": (["--model=trqam_lit.agents.QAMF"], 40, 200, ("actor/am_loss", "actor/distill_loss", "actor/q_loss")),
     "QAME": (["--model=trqam_lit.agents.QAME"], 40, 200, ("actor/am_loss", "actor/edit_q_loss", "actor/edit_alpha")),
+    "DSRL": (["--model=trqam_lit.agents.DSRL"], 40, 200, ("critic/distill_loss", "actor/actor_loss", "actor/alpha")),
 }
 
 

@@ -3,6 +3,7 @@
 from .adjoint_matching import AdjointMatchingAgent
 from .base import FlowAgent
 from .bc import BC
+from .dsrl import DSRL
 from .fql import FQL
 from .ifql import IFQL
 from .qam import QAM
@@ -10,4 +11,4 @@ from .qam_e import QAME
 from .qam_f import QAMF
 from .trqam import TRQAM
 
-__all__ = ["BC", "FQL", "IFQL", "QAM", "QAME", "QAMF", "TRQAM", "AdjointMatchingAgent", "FlowAgent"]
+__all__ = ["BC", "DSRL", "FQL", "IFQL", "QAM", "QAME", "QAMF", "TRQAM", "AdjointMatchingAgent", "FlowAgent"]
