@@ -29,7 +29,7 @@ SETTINGS = {
     "cpu-small-b256": (256, 37, 25, 5, 256, 2, 10),
     "cpu-small-b64": (64, 37, 25, 5, 256, 2, 10),
 }
-AGENTS = ["bc", "trqam", "qam", "qam-f", "qam-e", "fql", "ifql", "dsrl"]
+AGENTS = ["bc", "trqam", "qam", "qam-f", "qam-e", "fql", "ifql", "dsrl", "cgql"]
 SDE_AGENTS = ("trqam", "qam", "qam-f", "qam-e")  # the agents that have an SDE solver to choose
 
 
@@ -38,7 +38,7 @@ def measure(setting: str, agent: str, solver: str, steps: int, warmup: int, devi
     import torch
     from torch.utils.data import DataLoader, IterableDataset
 
-    from trqam_lit.agents import BC, DSRL, FQL, IFQL, QAM, QAME, QAMF, TRQAM
+    from trqam_lit.agents import BC, CGQL, DSRL, FQL, IFQL, QAM, QAME, QAMF, TRQAM
 
     batch, obs, act, horizon, width, critics, K = SETTINGS[setting]
 
@@ -85,6 +85,8 @@ def measure(setting: str, agent: str, solver: str, steps: int, warmup: int, devi
         model = IFQL(**common, critic_hidden_dims=[width] * 4, num_critics=critics)  # reference kappa, no solver
     elif agent == "dsrl":
         model = DSRL(**common, critic_hidden_dims=[width] * 4, num_critics=critics)  # reference noise_scale, no solver
+    elif agent == "cgql":
+        model = CGQL(**common, critic_hidden_dims=[width] * 4, num_critics=critics)  # default coefficients, no solver
     else:
         rl = dict(critic_hidden_dims=[width] * 4, num_critics=critics, sde_solver=solver)
         cls = {"trqam": TRQAM, "qam": QAM, "qam-f": QAMF, "qam-e": QAME}[agent]  # the variants at their defaults

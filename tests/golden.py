@@ -38,13 +38,14 @@ def actor_param_map(net: VelocityField, prefix: str) -> dict[str, torch.nn.Param
 
 def critic_param_map(net: CriticEnsemble, prefix: str) -> dict[str, torch.nn.Parameter]:
     out = {}
+    prefix = f"{prefix}/mlp" if net.time_input else f"{prefix}/value_net"  # CGQL's Q(s, a, t) is an ActorVectorField
     for i, lin in enumerate([*net.hidden, net.out]):
-        out[f"{prefix}/value_net/Dense_{i}/kernel"] = (lin.weight, False)  # (E, in, out) both sides
-        out[f"{prefix}/value_net/Dense_{i}/bias"] = (lin.bias, False)
+        out[f"{prefix}/Dense_{i}/kernel"] = (lin.weight, False)  # (E, in, out) both sides
+        out[f"{prefix}/Dense_{i}/bias"] = (lin.bias, False)
     if net.norms is not None:
         for i, ln in enumerate(net.norms):
-            out[f"{prefix}/value_net/LayerNorm_{i}/scale"] = (ln.weight, False)
-            out[f"{prefix}/value_net/LayerNorm_{i}/bias"] = (ln.bias, False)
+            out[f"{prefix}/LayerNorm_{i}/scale"] = (ln.weight, False)
+            out[f"{prefix}/LayerNorm_{i}/bias"] = (ln.bias, False)
     return out
 
 
@@ -78,6 +79,9 @@ AGENT_ONLINE = {"fql": ("critic", "actor_bc_flow", "actor_onestep_flow"), "ifql"
 AGENT_ONLINE["qam-f"] = ("critic", "actor_slow", "actor_fast", "one_step_actor")
 AGENT_ONLINE["qam-e"] = ("critic", "actor_slow", "actor_fast", "edit_actor", "edit_alpha")
 AGENT_ONLINE["dsrl"] = ("critic", "z_critic", "actor_bc_flow", "actor", "alpha")
+# CGQL: the time-conditioned critic Q(s, a, t) (flax module ``mlp``) and its target, the BC flow and its target
+AGENT_NETS["cgql"] = {"actor": "v_bc", "target_actor": "v_base", "critic": "critic", "target_critic": "target_critic"}
+AGENT_ONLINE["cgql"] = ("critic", "actor")
 
 
 def qam_e_param_map(net: TanhGaussianPolicy | LogParam, prefix: str) -> dict[str, torch.nn.Parameter]:
@@ -139,10 +143,10 @@ def onestep_policy(arrays: dict[str, np.ndarray], meta: dict) -> OneStepPolicy:
     return OneStepPolicy(**record_shapes(arrays, meta))
 
 
-def critic_ensemble(arrays: dict[str, np.ndarray], meta: dict) -> CriticEnsemble:
+def critic_ensemble(arrays: dict[str, np.ndarray], meta: dict, time_input: bool = False) -> CriticEnsemble:
     cfg, shapes = meta["config"], record_shapes(arrays, meta)
     return CriticEnsemble(shapes["obs_dim"], shapes["action_dim"], cfg["num_qs"], tuple(cfg["value_hidden_dims"]),
-                          layer_norm=cfg["value_layer_norm"])  # fmt: skip
+                          layer_norm=cfg["value_layer_norm"], time_input=time_input)  # fmt: skip
 
 
 def state_value(arrays: dict[str, np.ndarray], meta: dict) -> StateValue:
@@ -214,6 +218,9 @@ def check_reference_config(agent: str, cfg: dict) -> None:
         expected = {"action_chunking": True, "bc_only": False, "best_of_n": 1}
     if agent == "ifql":  # no adjoint, no clip option, no target actor; best-of-N (num_samples) is its acting
         expected = {"action_chunking": True, "bc_only": False}
+    if agent == "cgql":  # the LINEX mode, one time-conditioned critic, guidance by the target actor, no clip option
+        expected = {"action_chunking": True, "bc_only": False, "best_of_n": 1, "mode": "linex", "separate": False,
+                    "target_guidance": True}  # fmt: skip
     if agent == "qam-f":  # QAM with the one-step policy only
         assert cfg["fql_alpha"] > 0
         expected.update(edit_scale=0.0, residual=False)
@@ -286,6 +293,10 @@ def agent_hparams(agent: str, arrays: dict[str, np.ndarray], meta: dict) -> dict
         multiplier = cfg["target_entropy_multiplier"]
         kwargs.update(noise_scale=cfg["noise_scale"], target_entropy_multiplier=multiplier, grad_clip_norm=None)
         return kwargs
+    if agent == "cgql":
+        kwargs.update(inv_temp=cfg["inv_temp"], guidance_coef=cfg["guidance_coef"], noisy_coef=cfg["noisy_coef"],
+                      isd_clip=cfg["isd_clip"], grad_clip_norm=None)  # fmt: skip
+        return kwargs
     kwargs.update(grad_clip_norm=GRAD_CLIP_NORM, sde_solver="fused")
     if agent == "trqam":
         dual = dual_hparams(cfg)
@@ -319,6 +330,8 @@ def recorded_draws(arrays: dict[str, np.ndarray], cfg: dict) -> dict[str, torch.
         return qam_variant_draws(arrays, cfg)
     if cfg["agent_name"] == "dsrl":
         return dsrl_draws(arrays, cfg)
+    if cfg["agent_name"] == "cgql":
+        return cgql_draws(arrays, cfg)
     if cfg["agent_name"] == "ifql":  # the BC loss's x_0 and t are its only draws
         for name, draw, shape in (("bc/x0", "draw/00", (B, A)), ("bc/t", "draw/01", (B, 1))):
             assert arrays[name].shape == shape, (name, arrays[name].shape, shape)
@@ -350,6 +363,24 @@ def recorded_draws(arrays: dict[str, np.ndarray], cfg: dict) -> dict[str, torch.
         "am/x0": t(am[0]),
         "am/eps": torch.stack([t(d) for d in am[1:]]),
     }
+
+
+def cgql_draws(arrays: dict[str, np.ndarray], cfg: dict) -> dict[str, torch.Tensor]:
+    """CGQL's recorded draws (see recorded_draws): the next action's ODE noise (its best_of_n axis of 1 dropped), the
+    noisy critic's t and noise, then the BC loss's x_0 and t."""
+    B, A = cfg["batch_size"], cfg["action_dim"] * cfg["horizon_length"]
+    order = {"critic/next_noise": (B, 1, A), "noisy/t": (B, 1), "noisy/noise": (B, A), "bc/x0": (B, A), "bc/t": (B, 1)}
+    assert f"draw/{len(order):02d}" not in arrays and f"draw/{len(order) - 1:02d}" in arrays, "draw count"
+    out = {}
+    for i, (name, shape) in enumerate(order.items()):
+        value = arrays[f"draw/{i:02d}"]
+        assert value.shape == shape, (name, value.shape, shape)
+        if name in arrays:  # the readable alias the record gives it
+            np.testing.assert_array_equal(arrays[name], value, err_msg=name)
+        out[name] = t(value)
+    assert cfg["best_of_n"] == 1
+    out["critic/next_noise"] = out["critic/next_noise"][:, 0]
+    return out
 
 
 UNIFORM_DRAWS = frozenset({"bc/t"})  # jax.random.uniform in the record; every other draw is jax.random.normal

@@ -95,6 +95,7 @@ BASELINE_SCALARS = {"fql": ("actor/distill_loss", "actor/q_loss"), "ifql": ("val
 # cube-triple config (non-zero) on the fixture's cube-double environment.
 BASELINE_SCALARS["qam-f"] = ("actor/am_loss", "actor/distill_loss", "actor/q_loss")
 BASELINE_SCALARS["qam-e"] = ("actor/am_loss", "actor/edit_q_loss", "actor/edit_alpha_loss", "actor/edit_alpha")
+BASELINE_SCALARS["cgql"] = ("critic/noisy_critic_loss", "critic/q_max")
 BASELINE_CONFIG = {"qam-f": "cube-triple.yaml", "qam-e": "cube-triple.yaml"}
 BASELINE_SCALARS["dsrl"] = ("critic/distill_loss", "actor/actor_loss", "actor/alpha_loss", "actor/alpha")
 COMMON_SCALARS = ("critic/critic_loss", "critic/q_mean", "critic/q_min", "actor/bc_loss", "train/grad_norm",

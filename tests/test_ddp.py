@@ -34,7 +34,7 @@ def test_two_process_ddp_keeps_every_rank_identical(tmp_path):
     assert_kl_is_the_rank_mean(log_dir, dump, first_step=4)
 
 
-@pytest.mark.parametrize("agent", ["FQL", "IFQL", "QAMF", "QAME", "DSRL"])
+@pytest.mark.parametrize("agent", ["FQL", "IFQL", "QAMF", "QAME", "DSRL", "CGQL"])
 def test_two_process_ddp_baselines_keep_every_rank_identical(agent, tmp_path):
     """Each baseline under 2-process DDP through a BC warm-up (idle networks touched) into its own losses: every
     parameter and buffer ends identical on both ranks, while each rank drew its own noise."""

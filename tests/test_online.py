@@ -202,7 +202,7 @@ def toy_fit(root, *extra: str):
     return read_scalars(run_dir(root))
 
 
-@pytest.mark.parametrize("agent", ["BC", "QAM", "FQL", "IFQL", "QAMF", "QAME", "DSRL"])
+@pytest.mark.parametrize("agent", ["BC", "QAM", "FQL", "IFQL", "QAMF", "QAME", "DSRL", "CGQL"])
 def test_other_agents_run_the_online_phase_unchanged(agent, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     extra = ["--model.init_args.bc_warmup_steps=0"] if agent != "BC" else []

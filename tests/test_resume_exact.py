@@ -3,7 +3,7 @@
 The experiment a user would try: the quickstart on the shipped fixture with 100 BC steps, 300 steps, a checkpoint
 every 150; one run straight through, another killed after step 150 and resumed from its step-150 checkpoint. Once
 with TRQAM (the quickstart's agent), once per other agent with a state of its own (FQL: the one-step policy;
-IFQL: the value net).
+IFQL: the value net; CGQL: the time-conditioned critic and v_base).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ AGENTS = {
     "QAMF": (["--model=trqam_lit.agents.QAMF"], 40, 200, ("actor/am_loss", "actor/distill_loss", "actor/q_loss")),
     "QAME": (["--model=trqam_lit.agents.QAME"], 40, 200, ("actor/am_loss", "actor/edit_q_loss", "actor/edit_alpha")),
     "DSRL": (["--model=trqam_lit.agents.DSRL"], 40, 200, ("critic/distill_loss", "actor/actor_loss", "actor/alpha")),
+    "CGQL": (["--model=trqam_lit.agents.CGQL"], 40, 200, ("critic/noisy_critic_loss", "critic/critic_loss")),
 }
 
 

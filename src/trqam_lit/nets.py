@@ -1,5 +1,6 @@
 """Networks: the MLP trunk, the velocity field v(s, x, t), the one-step policy mu(s, z), the batched critic
-ensemble Q_j(s, a), the state value V(s) (IFQL), and a tanh-Gaussian policy and a learned temperature (QAM-E).
+ensemble Q_j(s, a) (optionally time-conditioned, Q_j(s, a, t): CGQL), the state value V(s) (IFQL), and a
+tanh-Gaussian policy and a learned temperature (QAM-E).
 
 All follow spec method.md section 5: hidden layers Dense -> GELU (tanh approximation) -> optional LayerNorm
 (eps 1e-6), Xavier-uniform weights, zero biases, a linear output layer.
@@ -200,7 +201,11 @@ class EnsembleLayerNorm(nn.Module):
 
 
 class CriticEnsemble(nn.Module):
-    """E critics Q_j(s, a) on concat(s, a), computed as one batched operation; returns (E, B)."""
+    """E critics Q_j(s, a) on concat(s, a), computed as one batched operation; returns (E, B).
+
+    ``time_input=True`` makes it time-conditioned, Q_j(s, a, t) on concat(s, a, t) (CGQL's critic of noisy actions),
+    with t = 1 (the clean action) when no time is given, so Q(s, a) keeps its meaning for the shared TD target.
+    """
 
     def __init__(
         self,
@@ -209,16 +214,26 @@ class CriticEnsemble(nn.Module):
         num_members: int = 10,
         hidden_dims: Sequence[int] = (512,) * 4,
         layer_norm: bool = True,
+        time_input: bool = False,
     ) -> None:
         super().__init__()
         self.num_members = num_members
-        dims = [obs_dim + action_dim, *hidden_dims]
+        self.time_input = time_input
+        dims = [obs_dim + action_dim + int(time_input), *hidden_dims]
         self.hidden = nn.ModuleList(EnsembleLinear(num_members, a, b) for a, b in zip(dims[:-1], dims[1:], strict=True))
         self.norms = nn.ModuleList(EnsembleLayerNorm(num_members, d) for d in hidden_dims) if layer_norm else None
         self.out = EnsembleLinear(num_members, dims[-1], 1)
 
-    def forward(self, s: Tensor, a: Tensor) -> Tensor:
-        x = torch.cat([s.to(a.dtype), a], dim=-1)
+    def forward(self, s: Tensor, a: Tensor, t: Tensor | float | None = None) -> Tensor:
+        if not self.time_input:
+            if t is not None:
+                raise ValueError("this critic has no time input (build it with time_input=True)")
+            x = torch.cat([s.to(a.dtype), a], dim=-1)
+        else:
+            lead = a.shape[:-1]
+            t = 1.0 if t is None else t  # Q(s, a) is the critic at the clean action, t = 1
+            t = a.new_full((*lead, 1), float(t)) if not torch.is_tensor(t) else t.to(a.dtype).expand(*lead, 1)
+            x = torch.cat([s.to(a.dtype), a, t], dim=-1)
         for i, lin in enumerate(self.hidden):
             x = gelu_tanh(lin(x))
             if self.norms is not None:

@@ -3,6 +3,7 @@
 from .adjoint_matching import AdjointMatchingAgent
 from .base import FlowAgent
 from .bc import BC
+from .cgql import CGQL
 from .dsrl import DSRL
 from .fql import FQL
 from .ifql import IFQL
@@ -11,4 +12,4 @@ from .qam_e import QAME
 from .qam_f import QAMF
 from .trqam import TRQAM
 
-__all__ = ["BC", "DSRL", "FQL", "IFQL", "QAM", "QAME", "QAMF", "TRQAM", "AdjointMatchingAgent", "FlowAgent"]
+__all__ = ["BC", "CGQL", "DSRL", "FQL", "IFQL", "QAM", "QAME", "QAMF", "TRQAM", "AdjointMatchingAgent", "FlowAgent"]

@@ -2,9 +2,9 @@
 
 An agent subclass only sequences pure loss functions in ``training_step`` (and, for TRQAM, steps the dual
 variable); everything a Trainer feature touches (precision, DDP, checkpoints) is handled here once. What differs
-between algorithms is a few hooks: ``build_policy`` (the networks besides v_bc and the critics), ``target_pairs``
-(the polyak targets), ``next_actions`` (the TD target's a'), ``policy_net`` / ``policy_actions`` (acting) and
-``copy_bc_into_policy`` (the end of a BC warm-up).
+between algorithms is a few hooks: ``build_policy`` (the networks besides v_bc and the critics), ``build_critic``
+(the critic ensemble), ``target_pairs`` (the polyak targets), ``next_actions`` (the TD target's a'), ``policy_net`` /
+``policy_actions`` (acting) and ``copy_bc_into_policy`` (the end of a BC warm-up).
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ class FlowAgent(pl.LightningModule):
         self.v_bc = VelocityField(obs_dim, action_dim, actor_hidden_dims, actor_layer_norm)
         self.build_policy()  # between v_bc and the critics: the order sets the initial weights of a seed
         if self.uses_critic:
-            self.critic = CriticEnsemble(obs_dim, action_dim, num_critics, critic_hidden_dims, critic_layer_norm)
+            self.critic = self.build_critic()
             self.target_critic = self._frozen_copy(self.critic)
         self.analytic_q = None
         self.grad_norm = torch.zeros(())
@@ -135,6 +135,11 @@ class FlowAgent(pl.LightningModule):
         Called in ``__init__`` after v_bc and before the critics, with ``self.hparams`` set. Targets are
         ``_frozen_copy``s; every other parameter with ``requires_grad`` is trained by the one optimizer. BC: none.
         """
+
+    def build_critic(self) -> nn.Module:
+        """The critic ensemble Q_j(s, a) (its polyak target is a copy); CGQL's is time-conditioned, Q_j(s, a, t)."""
+        hp = self.hparams
+        return CriticEnsemble(hp.obs_dim, hp.action_dim, hp.num_critics, hp.critic_hidden_dims, hp.critic_layer_norm)
 
     def target_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         """(target, online) pairs that the polyak step mixes, with the pre-step online weights."""
