@@ -90,7 +90,7 @@ def test_killed_grid_resumes_skipping_finished_runs_and_continuing_killed_ones(t
     proc = exp("run", "grid.yaml", "--jobs", "2", cwd=tmp_path)
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out
-    assert "4 runs, 1 already finished, 3 to run (2 at a time, 1 threads each)" in out
+    assert "4 runs, 1 already finished, 3 to run (2 at a time, 1 thread each)" in out
     assert "[4/4] " in out
     assert (first / "done.json").stat().st_mtime_ns == first_done  # skipped, not rerun
     assert (first / "train.log").read_text().count("\n$ ") == 1
@@ -133,3 +133,42 @@ def test_an_unknown_run_name_is_refused(tmp_path, argv):
     proc = exp(*argv, cwd=tmp_path)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 2 and "no run named ['nope/default/seed0']" in out
+
+
+def processes_mentioning(text: str, cwd: Path) -> list[int]:
+    """PIDs running in ``cwd`` whose command line contains ``text`` (Linux /proc)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                if text in cmdline and (entry / "cwd").resolve() == cwd.resolve():
+                    pids.append(int(entry.name))
+            except OSError:
+                pass
+    return pids
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="reads /proc")
+def test_a_terminated_runner_stops_its_trainings_and_starts_no_more(tmp_path):
+    grid = write_grid(tmp_path)
+    (tmp_path / "trqam.yaml").write_text(AGENT.format(steps=100_000, cls="TRQAM", extra="eps_kl: 0.05"))
+    run = tmp_path / "runs" / "tiny" / "trqam" / "default" / "seed0"
+    proc = exp("run", grid.name, "--jobs", "1", cwd=tmp_path, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (run / "checkpoints" / "last.ckpt").is_file():
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "the run never wrote a checkpoint"
+            time.sleep(0.2)
+        assert processes_mentioning("trqam_lit.cli fit", tmp_path)  # the training process is running
+        proc.send_signal(signal.SIGTERM)  # the runner only, as `kill <pid>` does
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None or processes_mentioning("trqam_lit.cli fit", tmp_path):
+            os.killpg(proc.pid, signal.SIGKILL)  # a failing test leaves no 100000-step training behind
+    assert proc.returncode == 130, out
+    assert "interrupted; 1 running run(s) stopped" in out and "Rerun the same command" in out
+    assert not processes_mentioning("trqam_lit.cli fit", tmp_path)  # no orphan left training
+    assert not (run / "done.json").exists()
+    assert not (tmp_path / "runs" / "tiny" / "trqam" / "default" / "seed1").exists()  # the queued runs never started

@@ -28,8 +28,10 @@ import argparse
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -40,6 +42,7 @@ import yaml
 
 DONE = "done.json"
 LOG = "train.log"
+STOPPED = 130  # exit code of a runner that was interrupted (and of a run it did not start)
 
 
 @dataclass(frozen=True)
@@ -121,6 +124,13 @@ def threads_per_job(jobs: int, cores: int | None = None) -> int:
     return max(1, (cores or os.cpu_count() or 1) // max(1, jobs))
 
 
+# The trainings running now: a runner that is stopped (Ctrl-C, SIGTERM from `kill` or a scheduler) stops them too,
+# instead of leaving orphans that keep the cores busy; a stopped run resumes from its last checkpoint on the next call.
+_children: set[subprocess.Popen] = set()
+_children_lock = threading.Lock()
+_stopping = threading.Event()
+
+
 def execute(run: Run, threads: int) -> tuple[Run, int, float]:
     """One run to completion in its own process; returns (run, exit code, seconds). Output goes to its train.log."""
     run.run_dir.mkdir(parents=True, exist_ok=True)
@@ -128,14 +138,46 @@ def execute(run: Run, threads: int) -> tuple[Run, int, float]:
     cmd = [sys.executable, "-m", "trqam_lit.cli", *run.fit_args()]
     t0 = time.perf_counter()
     with open(run.run_dir / LOG, "a") as log:
-        log.write(f"\n$ {shlex.join(cmd)}\n")
-        log.flush()
-        code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+        with _children_lock:
+            if _stopping.is_set():
+                return run, STOPPED, 0.0
+            log.write(f"\n$ {shlex.join(cmd)}\n")
+            log.flush()
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+            _children.add(proc)
+        try:
+            code = proc.wait()
+        finally:
+            with _children_lock:
+                _children.discard(proc)
     seconds = time.perf_counter() - t0
+    if _stopping.is_set():
+        code = STOPPED  # Lightning ends a SIGTERMed fit with exit 0: not finished
     if code == 0:
         record = {"run": run.name, "seconds": round(seconds, 1), "command": shlex.join(cmd), "threads": threads}
         (run.run_dir / DONE).write_text(json.dumps(record, indent=1) + "\n")
     return run, code, seconds
+
+
+def stop_children(grace: float = 10.0) -> int:
+    """Terminate every running training (SIGTERM, then SIGKILL after ``grace`` s); returns how many were running."""
+    with _children_lock:
+        _stopping.set()
+        procs = list(_children)
+    for proc in procs:
+        proc.terminate()
+    deadline = time.monotonic() + grace
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return len(procs)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def _eta(done: int, total: int, seconds: list[float], jobs: int) -> str:
@@ -156,9 +198,13 @@ def run_grid(grid: Grid, jobs: int = 1, only: Sequence[str] = (), out=None) -> i
     total, done = len(runs), len(runs) - len(todo)
     threads = threads_per_job(jobs)
     print(f"trqam-lit-exp: {grid.name}: {total} runs, {done} already finished, {len(todo)} to run "
-          f"({jobs} at a time, {threads} threads each)", file=out, flush=True)  # fmt: skip
+          f"({jobs} at a time, {threads} thread{'s' if threads > 1 else ''} each)", file=out, flush=True)  # fmt: skip
     failed, seconds = [], []
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+    _stopping.clear()
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
+    pool = ThreadPoolExecutor(max_workers=max(1, jobs))
+    try:
         futures = [pool.submit(execute, run, threads) for run in todo]
         for future in as_completed(futures):
             run, code, secs = future.result()
@@ -170,6 +216,16 @@ def run_grid(grid: Grid, jobs: int = 1, only: Sequence[str] = (), out=None) -> i
                 failed.append(run)
                 status = f"FAILED (exit {code}); log: {run.run_dir / LOG}"
             print(f"[{done}/{total}{_eta(done, total, seconds, jobs)}] {run.name}: {status}", file=out, flush=True)
+    except KeyboardInterrupt:
+        pool.shutdown(wait=False, cancel_futures=True)
+        stopped = stop_children()
+        print(f"trqam-lit-exp: interrupted; {stopped} running run(s) stopped. Rerun the same command to resume them "
+              "from their last checkpoints (finished runs are skipped)", file=out, flush=True)  # fmt: skip
+        raise
+    finally:
+        pool.shutdown(wait=True)
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     if failed:
         print(f"trqam-lit-exp: {len(failed)} run(s) failed: " + ", ".join(r.name for r in failed), file=out)
     return len(failed)
@@ -215,6 +271,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         failed = run_grid(grid, args.jobs, args.only)
     except ValueError as err:
         parser.exit(2, f"trqam-lit-exp: error: {err}\n")
+    except KeyboardInterrupt:
+        sys.exit(STOPPED)
     sys.exit(1 if failed else 0)
 
 
