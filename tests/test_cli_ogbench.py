@@ -14,6 +14,7 @@ from trqam_lit.experiment import Grid
 
 QUICK = str(CONFIGS / "quickstart.yaml")
 SMALL = [
+    "--data.init_args.env_name=cube-single-play-singletask-task5-v0",  # short episodes (the quickstart's are 750)
     "--model.init_args.bc_warmup_steps=5",
     "--model.init_args.actor_hidden_dims=[32,32]",
     "--model.init_args.critic_hidden_dims=[32,32]",
@@ -26,7 +27,7 @@ CONTRACT = ("critic/critic_loss", "critic/q_mean", "critic/q_min", "actor/bc_los
             "eval/success", "eval/return", "eval/length")  # fmt: skip
 WARMUP, STEPS = 5, 12  # SMALL's bc_warmup_steps; the fixture run's max_steps (and val_check_interval)
 EPS_KL, ETA = 1.0, 0.01  # configs/quickstart.yaml's eps_kl; eta: TRQAM's default
-ENV_ID = "cube-single-singletask-task5-v0"  # the environment of quickstart.yaml's cube-single-play-... dataset
+ENV_ID = "cube-single-singletask-task5-v0"  # the environment of SMALL's cube-single-play-... dataset
 
 
 def assert_cube_single_evaluation(scalars) -> None:

@@ -99,8 +99,8 @@ def test_fit_logs_every_scalar_finite(toy_run):
     assert "last.ckpt" in proc.stdout
     # The closing summary puts the BC policy (evaluated at the end of the warm-up) next to the fine-tuned one
     returns = dict(scalars["eval/return"])
-    assert f"BC policy           return {returns[WARMUP - 1]:.3g}  (step {WARMUP})" in proc.stdout, proc.stdout[-800:]
-    assert f"fine-tuned policy   return {returns[FIT_STEPS - 1]:.3g}  (step {FIT_STEPS})" in proc.stdout
+    assert f"BC policy           return {returns[WARMUP - 1]:.4g}  (step {WARMUP})" in proc.stdout, proc.stdout[-800:]
+    assert f"fine-tuned policy   return {returns[FIT_STEPS - 1]:.4g}  (step {FIT_STEPS})" in proc.stdout
 
 
 def test_validate_evaluates_the_saved_checkpoint(toy_run):

@@ -34,7 +34,7 @@ FIXTURES = {
     "cube-single-play-singletask-task5-v0": (28, 1, True),
     "cube-double-play-singletask-task2-v0": (37, 2, False),
     "puzzle-3x3-play-singletask-task2-v0": (55, 9, True),
-    "scene-play-singletask-task1-v0": (40, 5, False),
+    "scene-play-singletask-task1-v0": (40, 5, True),
 }
 CUBE = "cube-single-play-singletask-task5-v0"
 

@@ -25,6 +25,7 @@ QUICK = str(CONFIGS / "quickstart.yaml")
 TOY = str(CONFIGS / "online" / "toy-bandit.yaml")
 CUBE = "cube-single-play-singletask-task5-v0"
 TINY = [
+    f"--data.init_args.env_name={CUBE}",  # 200-step episodes (the quickstart's scene has 750)
     "--model.init_args.bc_warmup_steps=5",
     "--model.init_args.actor_hidden_dims=[32,32]",
     "--model.init_args.critic_hidden_dims=[32,32]",

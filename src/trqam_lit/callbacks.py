@@ -49,7 +49,7 @@ class EvaluationSummary(pl.Callback):
         lines = []
         for policy in ("BC", "fine-tuned"):
             if (row := self.last.get(policy)) is not None:
-                values = ", ".join(f"{k} {row[k]:.3g}" for k in ("success", "return") if k in row)
+                values = ", ".join(f"{k} {row[k]:.4g}" for k in ("success", "return") if k in row)
                 lines.append(f"  {policy + ' policy':<20}{values}  (step {row['step']})")
         return lines
 
