@@ -203,7 +203,13 @@ def toy_fit(root, *extra: str):
     return read_scalars(run_dir(root))
 
 
-@pytest.mark.parametrize("agent", ["BC", "QAM", "FQL", "IFQL", "QAMF", "QAME", "DSRL", "CGQL"])
+# BC, QAM and one policy of each other kind (a one-step policy: FQL) in the default run; the rest with -m slow.
+ONLINE_AGENTS = ["BC", "QAM", "FQL", "IFQL", "QAMF", "QAME", "DSRL", "CGQL"]
+
+
+@pytest.mark.parametrize(
+    "agent", [a if a in ("BC", "QAM", "FQL") else pytest.param(a, marks=pytest.mark.slow) for a in ONLINE_AGENTS]
+)
 def test_other_agents_run_the_online_phase_unchanged(agent, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     extra = ["--model.init_args.bc_warmup_steps=0"] if agent != "BC" else []
