@@ -1,5 +1,5 @@
-"""Training throughput (steps/s, peak memory) of BC, TRQAM, QAM, QAM-F, QAM-E, FQL, IFQL and DSRL, and evaluation
-environment steps/s.
+"""Training throughput (steps/s, peak memory) of BC, TRQAM, QAM, QAM-F, QAM-E, FQL, IFQL, DSRL and CGQL-L, and
+evaluation environment steps/s.
 
     python benchmarks/throughput.py                       # every setting, CPU
     python benchmarks/throughput.py --settings cpu-small-b64 --agents trqam --solvers fused torchsde

@@ -149,6 +149,7 @@ def processes_mentioning(text: str, cwd: Path) -> list[int]:
     return pids
 
 
+@pytest.mark.slow  # ~1 min: a real runner and training; the default run keeps the kill-and-resume test
 @pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="reads /proc")
 def test_a_terminated_runner_stops_its_trainings_and_starts_no_more(tmp_path):
     grid = write_grid(tmp_path)
