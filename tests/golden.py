@@ -484,3 +484,33 @@ def dsrl_draws(arrays: dict[str, np.ndarray], cfg: dict) -> dict[str, torch.Tens
         "bc/t": t(drawn["bc/t"]),
         "actor/eps": t(np.moveaxis(drawn["actor/eps"], 0, -1)),
     }
+
+
+def assert_params_and_adam_match(
+    arrays: dict[str, np.ndarray],
+    opt: torch.optim.Optimizer,
+    maps: dict[str, dict[str, tuple[torch.Tensor, bool]]],
+    targets: tuple[str, ...],
+    moment_tolerance=None,
+    check_count: bool = True,
+) -> None:
+    """Every recorded parameter's change, and each trained one's Adam moments (and step count), against the record.
+
+    ``maps``: network -> {record leaf: (parameter, transposed)}; ``targets``: networks that are polyak targets (no Adam
+    state). ``moment_tolerance(leaf, key, recorded_after)`` widens the moments' tolerance (default update_tolerance).
+    """
+    for name, net_map in maps.items():
+        for leaf, (p, tr) in net_map.items():
+            before, after = arrays[f"params_before/{leaf}"], arrays[f"params_after/{leaf}"]
+            tol = update_tolerance(after, target=name in targets)
+            assert_change_close(p.T if tr else p, before, after, **tol, what=f"param {leaf}")
+            if name in targets:
+                continue
+            state = opt.state[p]
+            if check_count:
+                assert int(state["step"]) == int(arrays["adam_count_after"]), (leaf, state["step"])
+            for key, rec in (("exp_avg", "adam_mu"), ("exp_avg_sq", "adam_nu")):
+                got = state[key].T if tr else state[key]
+                before, after = arrays[f"{rec}_before/{leaf}"], arrays[f"{rec}_after/{leaf}"]
+                tol = moment_tolerance(leaf, key, after) if moment_tolerance else update_tolerance(after)
+                assert_change_close(got, before, after, **tol, what=f"{key} {leaf}")

@@ -25,6 +25,7 @@ from golden import (
     UNIFORM_DRAWS,
     agent_hparams,
     assert_change_close,
+    assert_params_and_adam_match,
     check_reference_config,
     critic_ensemble,
     flax_to_torch,
@@ -225,20 +226,10 @@ def test_gradients_match_and_the_norm_is_not_clipped(update):
 
 
 def test_parameter_and_adam_changes_match(update):
-    a, opt = update.arrays, update.opt
-    for name, net_map in update.maps.items():
-        for leaf, (p, tr) in net_map.items():
-            before, after = a[f"params_before/{leaf}"], a[f"params_after/{leaf}"]
-            tol = update_tolerance(after, target=name in TARGETS)
-            assert_change_close(p.T if tr else p, before, after, **tol, what=f"param {leaf}")
-            if name in TARGETS:
-                continue
-            state = opt.state[p]
-            assert int(state["step"]) == int(a["adam_count_after"]), (leaf, state["step"])
-            for key, rec in (("exp_avg", "adam_mu"), ("exp_avg_sq", "adam_nu")):
-                got = state[key].T if tr else state[key]
-                before, after = a[f"{rec}_before/{leaf}"], a[f"{rec}_after/{leaf}"]
-                assert_change_close(got, before, after, **moment_tolerance(a, leaf, key), what=f"{key} {leaf}")
+    a = update.arrays
+    assert_params_and_adam_match(
+        a, update.opt, update.maps, TARGETS, moment_tolerance=lambda leaf, key, _: moment_tolerance(a, leaf, key)
+    )
 
 
 def moment_tolerance(a: dict[str, np.ndarray], leaf: str, key: str) -> dict[str, float]:
