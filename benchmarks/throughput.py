@@ -7,8 +7,10 @@ evaluation environment steps/s.
     python benchmarks/throughput.py --eval-env cube-single-play-singletask-task1-v0
 
 Each (setting, agent, solver) runs in its own subprocess (so peak RSS is its own) through the real Lightning
-Trainer on synthetic batches of the right shapes; the timer covers `--steps` optimizer steps after
-`--warmup` steps. One JSON line per measurement. Compare figures only as ratios from one run on one machine.
+Trainer on synthetic batches of the right shapes; after `--warmup` steps the timer covers `--repeats` windows of
+`--steps` optimizer steps each and reports the median window's steps/s (and every window's in `rates`), as the
+JAX harness does. `--compile` sets `compile_step` for the AM agents. One JSON line per measurement. Compare
+figures only as ratios from one run on one machine.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -33,7 +36,17 @@ AGENTS = ["bc", "trqam", "qam", "qam-f", "qam-e", "fql", "ifql", "dsrl", "cgql"]
 SDE_AGENTS = ("trqam", "qam", "qam-f", "qam-e")  # the agents that have an SDE solver to choose
 
 
-def measure(setting: str, agent: str, solver: str, steps: int, warmup: int, device: str, precision: str) -> dict:
+def measure(
+    setting: str,
+    agent: str,
+    solver: str,
+    steps: int,
+    warmup: int,
+    device: str,
+    precision: str,
+    compiled: bool = False,
+    repeats: int = 1,
+) -> dict:
     import lightning.pytorch as pl
     import torch
     from torch.utils.data import DataLoader, IterableDataset
@@ -62,19 +75,18 @@ def measure(setting: str, agent: str, solver: str, steps: int, warmup: int, devi
                 i += 1
 
     class Timer(pl.Callback):
-        start = end = first = None
+        def __init__(self) -> None:
+            self.first: float | None = None
+            self.marks: list[float] = []  # times after warmup, warmup + steps, ..., warmup + repeats * steps
 
         def on_train_batch_end(self, trainer, *args) -> None:
             if self.first is None:
                 self.first = time.perf_counter() - T_PROCESS
-            if trainer.global_step == warmup:
+            done = trainer.global_step - warmup
+            if done >= 0 and done % steps == 0:
                 if device == "cuda":
                     torch.cuda.synchronize()
-                self.start = time.perf_counter()
-            elif trainer.global_step == warmup + steps:
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                self.end = time.perf_counter()
+                self.marks.append(time.perf_counter())
 
     common = dict(obs_dim=obs, action_dim=act, horizon=horizon, actor_hidden_dims=[width] * 4, flow_steps=K)
     if agent == "bc":
@@ -88,7 +100,7 @@ def measure(setting: str, agent: str, solver: str, steps: int, warmup: int, devi
     elif agent == "cgql":
         model = CGQL(**common, critic_hidden_dims=[width] * 4, num_critics=critics)  # default coefficients, no solver
     else:
-        rl = dict(critic_hidden_dims=[width] * 4, num_critics=critics, sde_solver=solver)
+        rl = dict(critic_hidden_dims=[width] * 4, num_critics=critics, sde_solver=solver, compile_step=compiled)
         cls = {"trqam": TRQAM, "qam": QAM, "qam-f": QAMF, "qam-e": QAME}[agent]  # the variants at their defaults
         model = cls(**common, **rl)
     timer = Timer()
@@ -96,7 +108,7 @@ def measure(setting: str, agent: str, solver: str, steps: int, warmup: int, devi
         accelerator="gpu" if device == "cuda" else "cpu",
         devices=1,
         precision=precision,
-        max_steps=warmup + steps,
+        max_steps=warmup + steps * repeats,
         limit_val_batches=0,
         logger=False,
         enable_checkpointing=False,
@@ -105,14 +117,17 @@ def measure(setting: str, agent: str, solver: str, steps: int, warmup: int, devi
         callbacks=[timer],
     )
     trainer.fit(model, train_dataloaders=DataLoader(Synthetic(), batch_size=None))
+    rates = [steps / (b - a) for a, b in zip(timer.marks[:-1], timer.marks[1:], strict=True)]
     out = {
         "setting": setting,
         "agent": agent,
         "solver": solver if agent in SDE_AGENTS else None,
         "device": device,
         "precision": precision,
+        "compiled": compiled,
         "threads": torch.get_num_threads(),
-        "steps_per_sec": round(steps / (timer.end - timer.start), 3),
+        "steps_per_sec": round(statistics.median(rates), 3),
+        "rates": [round(r, 3) for r in rates],
         "start_to_first_step_s": round(timer.first, 2),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
@@ -159,8 +174,12 @@ def main() -> None:
     parser.add_argument("--solvers", nargs="*", default=["fused", "torchsde"], choices=["fused", "torchsde"])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3, help="timed windows of --steps steps; the median is reported")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--precision", default="32-true")
+    parser.add_argument(
+        "--compile", action="store_true", help="compile_step=True for the AM agents (with --solvers fused only)"
+    )
     parser.add_argument("--eval-env", default=None, help="also measure evaluation env steps/s on this env")
     parser.add_argument("--eval-envs", type=int, default=10)
     parser.add_argument("--eval-episodes", type=int, default=10)
@@ -170,14 +189,19 @@ def main() -> None:
     args = parser.parse_args()
     if args.one:
         setting, agent, solver = args.one.split(",")
-        print(json.dumps(measure(setting, agent, solver, args.steps, args.warmup, args.device, args.precision)))
+        out = measure(
+            setting, agent, solver, args.steps, args.warmup, args.device, args.precision, args.compile, args.repeats
+        )
+        print(json.dumps(out))
         return
     for setting in args.settings:
         for agent in args.agents:
             for solver in args.solvers if agent in SDE_AGENTS else ["fused"]:
                 one = f"{setting},{agent},{solver}"
                 cmd = [sys.executable, __file__, "--one", one, "--steps", str(args.steps), "--warmup", str(args.warmup)]
+                cmd += ["--repeats", str(args.repeats)]
                 cmd += ["--device", args.device, "--precision", args.precision]
+                cmd += ["--compile"] if args.compile else []
                 proc = subprocess.run(
                     cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"}
                 )

@@ -79,3 +79,8 @@ def test_scalars_are_logged_on_logging_steps_only_and_the_dual_steps_every_updat
         assert scalars[tag] == [(s, v) for s, v in ref_scalars[tag] if s in expected_steps], tag  # same values
     assert model.dual.lam.item() == reference.dual.lam.item() != 1.0
     assert torch.equal(model.dual.kl_ema, reference.dual.kl_ema)
+
+
+def test_compile_step_needs_the_fused_solver():
+    with pytest.raises(ValueError, match="compile_step=True needs sde_solver='fused'"):
+        TRQAM(obs_dim=OBS, action_dim=ACT, compile_step=True, sde_solver="torchsde")

@@ -29,7 +29,7 @@ from golden import (
     update_tolerance,
 )
 from trqam_lit.adjoint import adjoint_matching_terms
-from trqam_lit.agents import QAM, TRQAM
+from trqam_lit.agents import QAM, TRQAM, adjoint_matching
 
 NETS = {"actor_fast": "v_ft", "actor_slow": "v_bc", "target_actor_slow": "v_base", "critic": "critic",
         "target_critic": "target_critic"}  # fmt: skip
@@ -42,10 +42,10 @@ def close(actual: torch.Tensor, expected: np.ndarray, what: str, rtol: float = 1
     np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol, err_msg=what)
 
 
-def recorded_agent(agent: str):
+def recorded_agent(agent: str, **overrides):
     arrays, meta = load(agent)
     cfg = meta["config"]
-    hparams = agent_hparams(agent, arrays, meta)
+    hparams = {**agent_hparams(agent, arrays, meta), **overrides}
     draws = recorded_draws(arrays, cfg)
     K = cfg["flow_steps"]
     cls = TRQAM if agent == "trqam" else QAM
@@ -62,17 +62,17 @@ def recorded_agent(agent: str):
             return value.to(self.device)
 
         # keep what the step's loss terms returned, to compare them with the record
-        def bc_loss(self, batch):
-            self.bc_out = super().bc_loss(batch)
+        def bc_loss(self, batch, *noise):
+            self.bc_out = super().bc_loss(batch, *noise)
             return self.bc_out
 
-        def critic_loss(self, batch):
-            out = super().critic_loss(batch)
+        def critic_loss(self, batch, *noise):
+            out = super().critic_loss(batch, *noise)
             self.critic_out = out[0]
             return out
 
-        def actor_objective(self, s, batch_size):
-            self.am_out = super().actor_objective(s, batch_size)
+        def actor_objective(self, s, x0, eps):
+            self.am_out = super().actor_objective(s, x0, eps)
             return self.am_out
 
     model = Recorded(**hparams)
@@ -129,37 +129,48 @@ def capture_calls(net: torch.nn.Module) -> list:
     return calls
 
 
-@pytest.mark.parametrize("agent", ["trqam", "qam"])
-def test_one_trainer_step_reproduces_the_recorded_update(agent):
-    model, maps, batch, a, meta = recorded_agent(agent)
+@pytest.mark.parametrize(
+    ("agent", "compiled"),
+    [("trqam", False), ("qam", False), ("trqam", True), pytest.param("qam", True, marks=pytest.mark.slow)],
+)
+def test_one_trainer_step_reproduces_the_recorded_update(agent, compiled):
+    """Eager, and with ``compile_step`` (the fine-tuning losses and their backward as one torch.compile graph)."""
+    fast = {"compile_step": True, "sde_solver": "fused"} if compiled else {}
+    model, maps, batch, a, meta = recorded_agent(agent, **fast)
     cfg = meta["config"]
     count = meta["state_set_by_harness"]["adam_count"]
     assert count == int(a["adam_count_before"])
-    bc_calls, critic_calls = capture_calls(model.v_bc), capture_calls(model.critic)
-    target_calls = capture_calls(model.target_critic)
+    # forward hooks that keep tensors are for the eager step (inside the compiled graph a hook would hold traced ones)
+    if not compiled:
+        bc_calls, critic_calls = capture_calls(model.v_bc), capture_calls(model.critic)
+        target_calls = capture_calls(model.target_critic)
     trainer = pl.Trainer(
         max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, accelerator="cpu", devices=1, callbacks=[AdamState(maps, a, count)],
     )  # fmt: skip
     trainer.fit(model, train_dataloaders=DataLoader([batch], batch_size=None))
 
+    if compiled:  # the step ran through the compiled graph, not a silent eager fallback
+        assert type(model) in adjoint_matching._COMPILED
     # Each recorded draw was asked for exactly once (shapes and kinds were checked as they were handed out).
     assert sorted(model.draw_calls) == sorted(recorded_draws(a, cfg)), model.draw_calls
 
     # What the step computed. BC: v_bc is evaluated once, at x_t with the drawn t.
-    ((s, x_t, t_in, pred),) = bc_calls
-    close(s, a["batch/observations"], "BC observations", rtol=0, atol=0)
-    close(t_in, a["bc/t"], "BC time t", rtol=0, atol=0)
-    close(x_t, a["bc/x_t"], "BC x_t")
-    close(pred, a["bc/pred"], "BC prediction")
+    if not compiled:
+        ((s, x_t, t_in, pred),) = bc_calls
+        close(s, a["batch/observations"], "BC observations", rtol=0, atol=0)
+        close(t_in, a["bc/t"], "BC time t", rtol=0, atol=0)
+        close(x_t, a["bc/x_t"], "BC x_t")
+        close(pred, a["bc/pred"], "BC prediction")
     close(model.bc_out, a["bc/flow_loss"], "BC loss")
     # Critic: Q(s, a) once; the target ensemble at (s', a') with a' from v_ft's ODE on the recorded noise.
-    ((_, _, q),) = critic_calls
-    close(q, a["critic/q"], "q")
-    next_calls = [c for c in target_calls if torch.equal(c[0], batch["next_observations"])]
-    assert len(next_calls) == 1, len(next_calls)
-    close(next_calls[0][1], a["critic/next_actions"], "next actions")
-    close(next_calls[0][2], a["critic/next_qs"], "next qs")
+    if not compiled:
+        ((_, _, q),) = critic_calls
+        close(q, a["critic/q"], "q")
+        next_calls = [c for c in target_calls if torch.equal(c[0], batch["next_observations"])]
+        assert len(next_calls) == 1, len(next_calls)
+        close(next_calls[0][1], a["critic/next_actions"], "next actions")
+        close(next_calls[0][2], a["critic/next_qs"], "next qs")
     close(model.critic_out, a["critic/critic_loss"], "critic loss")
     # Adjoint matching: states, adjoints, per-step loss terms, loss and path KL.
     am = model.am_out

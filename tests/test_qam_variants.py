@@ -250,17 +250,17 @@ def recorded_agent(variant: str):
             self.draw_calls.append(name)
             return value.to(self.device)
 
-        def bc_loss(self, batch):
-            self.bc_out = super().bc_loss(batch)
+        def bc_loss(self, batch, *noise):
+            self.bc_out = super().bc_loss(batch, *noise)
             return self.bc_out
 
-        def critic_loss(self, batch):
-            out = super().critic_loss(batch)
+        def critic_loss(self, batch, *noise):
+            out = super().critic_loss(batch, *noise)
             self.critic_out = out[0]
             return out
 
-        def actor_objective(self, s, batch_size):
-            self.am_out = super().actor_objective(s, batch_size)
+        def actor_objective(self, s, x0, eps):
+            self.am_out = super().actor_objective(s, x0, eps)
             return self.am_out
 
         def policy_loss(self, s):
@@ -392,7 +392,8 @@ def test_gradient_isolation_of_each_loss(variant):
     s = batch["observations"]
     assert reached(model.critic_loss(batch)[0]) == {"critic"}
     assert reached(model.bc_loss(batch)) == {"v_bc"}
-    assert reached(model.actor_objective(s, 5).loss) == {"v_ft"}
+    noise = model.draw_step_noise(batch)
+    assert reached(model.actor_objective(s, noise["am_x0"], noise["am_eps"]).loss) == {"v_ft"}
     expected = {"qam-f": {"actor/distill_loss": {"mu"}, "actor/q_loss": {"mu"}},
                 "qam-e": {"actor/edit_q_loss": {"edit_policy"}, "actor/edit_entropy_loss": {"edit_policy"},
                           "actor/edit_alpha_loss": {"edit_alpha"}}}[variant]  # fmt: skip

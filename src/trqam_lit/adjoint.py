@@ -28,13 +28,18 @@ def terminal_adjoint(q_fn: QFn, s: Tensor, x_final: Tensor, scale: float = 1.0, 
     critic's parameters never receive gradients from here. ``scale`` is QAM's inverse temperature (1 for
     TRQAM). ``clip=False`` is for analytic rewards whose closed forms assume no clip.
     """
-    with torch.enable_grad():
-        a = x_final.detach().float().requires_grad_(True)
+
+    def mean_q(a: Tensor) -> Tensor:
         q = q_fn(s, a.clamp(-ACTION_CLIP, ACTION_CLIP) if clip else a).float()
         if q.dim() == 2:  # ensemble (E, B): mean over members
             q = q.mean(dim=0)
-        (grad,) = torch.autograd.grad(q.sum(), a)
-    return -scale * grad
+        return q.sum()
+
+    # torch.func.grad rather than autograd.grad on a requires_grad_ leaf: torch.compile traces it (the fast path)
+    with torch.enable_grad():
+        grad = torch.func.grad(mean_q)(x_final.detach().float())
+    # detached: func.grad's result stays differentiable in a critic's parameters when they require grad
+    return -scale * grad.detach()
 
 
 def lean_adjoint(v_base: VelocityFn, s: Tensor, xs: Tensor, adj_final: Tensor) -> Tensor:

@@ -39,15 +39,19 @@ def gelu_tanh_derivative(x: Tensor, gate: Tensor) -> Tensor:
 
 
 class _GeluTanh(torch.autograd.Function):
+    # forward/setup_context form: works under torch.func transforms (the terminal adjoint's grad) and torch.compile
     @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
+    def forward(x: Tensor) -> tuple[Tensor, Tensor]:
         gate = gelu_tanh_gate(x)
-        ctx.save_for_backward(x, gate)
-        return x * gate
+        return x * gate, gate
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: Tensor) -> Tensor:
+    def setup_context(ctx, inputs: tuple[Tensor], output: tuple[Tensor, Tensor]) -> None:
+        ctx.save_for_backward(inputs[0], output[1])
+        ctx.mark_non_differentiable(output[1])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor, _grad_gate: Tensor | None) -> Tensor:
         x, gate = ctx.saved_tensors
         return grad * gelu_tanh_derivative(x, gate)
 
@@ -55,7 +59,7 @@ class _GeluTanh(torch.autograd.Function):
 def gelu_tanh(x: Tensor) -> Tensor:
     """GELU with the tanh approximation (flax's ``nn.gelu`` default, used by the reference)."""
     if torch.is_grad_enabled() and x.requires_grad:
-        return _GeluTanh.apply(x)
+        return _GeluTanh.apply(x)[0]
     return gelu_tanh_gate(x).mul_(x)
 
 
@@ -89,15 +93,16 @@ class MLPLinearization:
                     x = x_hat * mlp.norms[i].weight + mlp.norms[i].bias
                 self.layers.append((dact, x_hat, rstd))
 
-    @torch.no_grad()
     def vjp(self, index: int, grad: Tensor) -> Tensor:
         """grad^T d mlp(x[index]) / d x[index][..., in_cols] for the slice ``index`` of the leading dim."""
-        g = grad.to(self.mlp.out.weight.dtype) @ self.mlp.out.weight
-        for i in range(len(self.layers) - 1, -1, -1):
-            dact, x_hat, rstd = self.layers[i]
-            if x_hat is not None:
-                g = layer_norm_vjp(g, x_hat[index], rstd[index], self.mlp.norms[i].weight)
-            g = (g * dact[index]) @ (self.mlp.hidden[i].weight if i else self.mlp.hidden[0].weight[:, self.in_cols])
+        with torch.no_grad():  # a context, not a decorator: torch.compile traces it (the fast path)
+            g = grad.to(self.mlp.out.weight.dtype) @ self.mlp.out.weight
+            for i in range(len(self.layers) - 1, -1, -1):
+                dact, x_hat, rstd = self.layers[i]
+                if x_hat is not None:
+                    g = layer_norm_vjp(g, x_hat[index], rstd[index], self.mlp.norms[i].weight)
+                w = self.mlp.hidden[i].weight if i else self.mlp.hidden[0].weight[:, self.in_cols]
+                g = (g * dact[index]) @ w
         return g
 
 
