@@ -137,12 +137,14 @@ def measure(
     return out
 
 
-def measure_eval(env_name: str, num_envs: int, episodes: int, horizon: int, width: int) -> dict:
-    """Environment steps/s of the batched evaluator vs a one-environment loop (same policy, same episodes)."""
+def measure_eval(env_name: str, num_envs: int, episodes: int, horizon: int, width: int, workers: int) -> dict:
+    """Environment steps/s of the evaluator: in this process (``num_envs`` batched, and 1), with ``workers`` worker
+    processes, and the physics limit (cores x one environment's stepping rate under a no-op policy)."""
+    import numpy as np
     import torch
 
     from trqam_lit.data import OGBenchDataModule
-    from trqam_lit.evaluation import OGBenchEvaluator
+    from trqam_lit.evaluation import OGBenchEvaluator, make_ogbench_env
     from trqam_lit.flow import sample_actions
     from trqam_lit.nets import VelocityField
 
@@ -153,16 +155,33 @@ def measure_eval(env_name: str, num_envs: int, episodes: int, horizon: int, widt
     def act(obs):
         return sample_actions(net, obs, torch.randn(obs.shape[0], dm.chunk_dim), 10)
 
-    result = {"env": env_name, "episodes": episodes, "horizon": horizon, "policy_width": width}
-    for n in (num_envs, 1):
-        ev = OGBenchEvaluator(env_name, horizon, dm.action_dim, num_episodes=episodes, num_envs=n)
-        ev.envs(n)  # environment construction is not stepping time
+    env = make_ogbench_env(env_name)  # the physics limit: one environment, no policy at all
+    env.reset(seed=0)
+    noop, steps, t0 = np.zeros(dm.action_dim, dtype=np.float32), 0, time.perf_counter()
+    while time.perf_counter() - t0 < 5.0:
+        _, _, terminated, truncated, _ = env.step(noop)
+        steps += 1
+        if terminated or truncated:
+            env.reset(seed=steps)
+    one_env = steps / (time.perf_counter() - t0)
+    cores = len(os.sched_getaffinity(0))
+    result = {"env": env_name, "episodes": episodes, "horizon": horizon, "policy_width": width, "cores": cores}
+    result["one_env_noop_steps_per_sec"] = round(one_env, 1)
+    result["physics_limit_steps_per_sec"] = round(cores * one_env, 1)
+    runs = [(f"{num_envs}env", num_envs, 0), ("1env", 1, 0), (f"{num_envs}env_{workers}workers", num_envs, workers)]
+    for name, n, w in runs:
+        ev = OGBenchEvaluator(env_name, horizon, dm.action_dim, num_episodes=episodes, num_envs=n, workers=w)
+        ev.envs(n)  # environment construction (and worker start) is not stepping time
         t0 = time.perf_counter()
         out = ev.evaluate(act)
         dt = time.perf_counter() - t0
-        result[f"env_steps_per_sec_{n}env"] = round(float(out["length"].sum()) / dt, 1)
+        ev.close()
+        result[f"env_steps_per_sec_{name}"] = round(float(out["length"].sum()) / dt, 1)
     result["batched_over_single"] = round(
         result[f"env_steps_per_sec_{num_envs}env"] / result["env_steps_per_sec_1env"], 2
+    )
+    result["workers_over_physics_limit"] = round(
+        result[f"env_steps_per_sec_{num_envs}env_{workers}workers"] / result["physics_limit_steps_per_sec"], 2
     )
     return result
 
@@ -185,6 +204,7 @@ def main() -> None:
     parser.add_argument("--eval-episodes", type=int, default=10)
     parser.add_argument("--eval-horizons", type=int, nargs="*", default=[1, 5], help="action-chunk lengths H")
     parser.add_argument("--eval-width", type=int, default=512, help="policy width (paper: 512)")
+    parser.add_argument("--eval-workers", type=int, default=len(os.sched_getaffinity(0)), help="worker processes")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one measurement
     args = parser.parse_args()
     if args.one:
@@ -210,7 +230,9 @@ def main() -> None:
                 print(lines[-1] if lines else json.dumps(error), flush=True)
     if args.eval_env:
         for horizon in args.eval_horizons:
-            result = measure_eval(args.eval_env, args.eval_envs, args.eval_episodes, horizon, args.eval_width)
+            result = measure_eval(
+                args.eval_env, args.eval_envs, args.eval_episodes, horizon, args.eval_width, args.eval_workers
+            )
             print(json.dumps(result), flush=True)
 
 

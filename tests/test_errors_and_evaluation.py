@@ -311,3 +311,54 @@ def test_episodes_are_sharded_over_ranks_with_seeds_fixed_by_episode(recorded):
         for episodes in per_rank:
             for seed, first_obs in episodes.items():
                 np.testing.assert_array_equal(first_obs, single[seed])
+
+
+def observation_policy(obs: torch.Tensor, dim: int) -> torch.Tensor:
+    """A deterministic function of the observation: two evaluators that run the same episodes see the same chunks."""
+    w = torch.linspace(-1.0, 1.0, obs.shape[-1] * dim).reshape(obs.shape[-1], dim)
+    return torch.tanh(obs @ w)
+
+
+def test_worker_processes_run_the_same_episodes_as_the_training_process():
+    # 5 episodes, 3 environments at a time over 2 workers (uneven: 2 + 1, then a wave of 2): every observation the
+    # policy sees (the state at each chunk boundary of every episode) and the per-episode values are identical to
+    # stepping in this process, and a second evaluation reuses the workers.
+    kwargs = dict(horizon=2, action_dim=CUBE_ACT, num_episodes=5, num_envs=3, seed=3)
+
+    def recording(seen):
+        def act(obs):
+            seen.append(obs.clone())
+            return observation_policy(obs, 2 * CUBE_ACT)
+
+        return act
+
+    local_obs, first_obs, again_obs = [], [], []
+    local = OGBenchEvaluator(CUBE, **kwargs).evaluate(recording(local_obs))
+    ev = OGBenchEvaluator(CUBE, workers=2, **kwargs)
+    try:
+        first = ev.evaluate(recording(first_obs))
+        pids = [p.pid for p in ev._pool.procs]
+        again = ev.evaluate(recording(again_obs))
+        assert [p.pid for p in ev._pool.procs] == pids and len(pids) == 2
+    finally:
+        ev.close()
+    assert ev._pool is None
+    assert len(local_obs) > 100 and not torch.equal(local_obs[0], local_obs[1])  # the states move
+    for seen in (first_obs, again_obs):
+        assert len(seen) == len(local_obs)
+        assert all(torch.equal(a, b) for a, b in zip(seen, local_obs, strict=True))
+    for key in ("success", "return", "length"):
+        assert torch.equal(first[key], local[key]), key
+        assert torch.equal(again[key], local[key]), key
+
+
+def test_a_failing_evaluation_worker_raises_with_its_traceback():
+    ev = OGBenchEvaluator("cube-single-play-singletask-task99-v0", horizon=2, action_dim=CUBE_ACT, num_episodes=1,
+                          num_envs=1, workers=1)  # fmt: skip
+    try:
+        with pytest.raises(RuntimeError, match=r"(?s)evaluation worker 0 failed:.*Traceback"):
+            ev.evaluate(lambda obs: observation_policy(obs, 2 * CUBE_ACT))
+    finally:
+        ev.close()
+    with pytest.raises(ValueError, match="workers must be >= 0"):
+        OGBenchEvaluator(CUBE, horizon=2, action_dim=CUBE_ACT, workers=-1)

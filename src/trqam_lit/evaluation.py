@@ -7,7 +7,10 @@ ranks; each episode's seed depends only on its index, so a rank count does not c
 
 from __future__ import annotations
 
+import contextlib
+import multiprocessing as mp
 import os
+import traceback
 from collections.abc import Callable
 
 import numpy as np
@@ -31,53 +34,192 @@ def make_ogbench_env(env_name: str):
     return ogbench.make_env_and_datasets(env_name, env_only=True)
 
 
+def run_chunk(env, actions: np.ndarray, ret: float) -> tuple[np.ndarray, float, int, bool, float]:
+    """Steps ``env`` through an action chunk (H, A) open loop, stopping at the episode's end.
+
+    Returns (last observation, the return so far, steps taken, episode over, success). The return keeps
+    accumulating one reward at a time, as a step-by-step loop would (same floating-point sum).
+    """
+    steps = 0
+    for action in actions:
+        obs, reward, terminated, truncated, info = env.step(action)
+        ret += float(reward)
+        steps += 1
+        if terminated or truncated:
+            return obs, ret, steps, True, float(info.get("success", 0.0))
+    return obs, ret, steps, False, 0.0
+
+
+def _env_worker(conn, env_name: str) -> None:
+    """A worker process's loop: it owns some of the evaluator's environments and runs their chunks."""
+    envs: dict[int, object] = {}
+    while True:
+        try:
+            cmd, payload = conn.recv()
+        except (EOFError, KeyboardInterrupt):
+            return
+        if cmd == "close":
+            return
+        try:
+            if cmd == "make":
+                for slot in payload:
+                    if slot not in envs:
+                        envs[slot] = make_ogbench_env(env_name)
+                result = None
+            elif cmd == "reset":
+                for slot, _ in payload:
+                    if slot not in envs:
+                        envs[slot] = make_ogbench_env(env_name)
+                result = [envs[slot].reset(seed=seed)[0] for slot, seed in payload]
+            else:  # "chunks"
+                result = [run_chunk(envs[slot], actions, ret) for slot, actions, ret in payload]
+            conn.send(("ok", result))
+        except Exception:  # noqa: BLE001 (handed to the parent, which raises it with the worker's traceback)
+            conn.send(("error", traceback.format_exc()))
+
+
+class _EnvWorkers:
+    """``count`` worker processes (spawned: no forked OpenMP or CUDA state); slot i lives in worker i % count."""
+
+    def __init__(self, env_name: str, count: int) -> None:
+        ctx = mp.get_context("spawn")
+        self.conns, self.procs = [], []
+        for _ in range(count):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_env_worker, args=(child, env_name), daemon=True)
+            proc.start()
+            child.close()
+            self.conns.append(parent)
+            self.procs.append(proc)
+
+    def call(self, cmd: str, items: list[tuple]) -> list:
+        """Send each item (slot first) to its slot's worker; results come back in the items' order."""
+        count = len(self.conns)
+        parts: list[list[int]] = [[] for _ in range(count)]
+        for index, item in enumerate(items):
+            parts[item[0] % count].append(index)
+        for w, indices in enumerate(parts):
+            if indices:
+                local = [(items[i][0] // count, *items[i][1:]) for i in indices]
+                self.conns[w].send((cmd, [x[0] for x in local] if cmd == "make" else local))
+        results: list = [None] * len(items)
+        for w, indices in enumerate(parts):
+            if not indices:
+                continue
+            try:
+                status, value = self.conns[w].recv()
+            except EOFError:
+                raise RuntimeError(
+                    f"evaluation worker {w} died (exit code {self.procs[w].exitcode}); see its output above"
+                ) from None
+            if status == "error":
+                raise RuntimeError(f"evaluation worker {w} failed:\n{value}")
+            for i, r in zip(indices, value or [None] * len(indices), strict=True):
+                results[i] = r
+        return results
+
+    def close(self) -> None:
+        for conn in self.conns:
+            with contextlib.suppress(OSError, BrokenPipeError):
+                conn.send(("close", None))
+        for proc in self.procs:
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.terminate()
+        self.conns, self.procs = [], []
+
+
 class OGBenchEvaluator:
-    """Runs ``num_episodes`` episodes of one environment, ``num_envs`` at a time, returns per-episode values."""
+    """Runs ``num_episodes`` episodes of one environment, ``num_envs`` at a time, returns per-episode values.
+
+    ``workers`` > 0 steps the environments in that many worker processes (each runs its environments' action chunks
+    and sends back the observations), so evaluation uses several cores; 0 steps them in this process. Both run the
+    same episodes with the same policy calls and give identical values.
+    """
 
     def __init__(
-        self, env_name: str, horizon: int, action_dim: int, num_episodes: int = 50, num_envs: int = 10, seed: int = 0
+        self,
+        env_name: str,
+        horizon: int,
+        action_dim: int,
+        num_episodes: int = 50,
+        num_envs: int = 10,
+        seed: int = 0,
+        workers: int = 0,
     ) -> None:
         if num_episodes < 1 or num_envs < 1:
             raise ValueError(f"num_episodes and num_envs must be >= 1, got {num_episodes}, {num_envs}")
+        if workers < 0:
+            raise ValueError(f"workers must be >= 0 (0: environments in this process), got {workers}")
         self.env_name, self.horizon, self.action_dim = env_name, horizon, action_dim
         self.num_episodes, self.num_envs, self.seed = num_episodes, num_envs, seed
+        self.workers = min(workers, num_envs)
         self._envs: list = []
+        self._pool: _EnvWorkers | None = None
 
     def envs(self, n: int) -> list:
-        while len(self._envs) < n:  # created once, reused by every evaluation
+        """The first ``n`` environments, created once and reused by every evaluation (in the workers, if any)."""
+        if self.workers:
+            self._workers().call("make", [(i,) for i in range(n)])
+            return []
+        while len(self._envs) < n:
             self._envs.append(make_ogbench_env(self.env_name))
         return self._envs[:n]
+
+    def _workers(self) -> _EnvWorkers:
+        if self._pool is None:
+            self._pool = _EnvWorkers(self.env_name, self.workers)
+        return self._pool
+
+    def close(self) -> None:
+        """Stop the worker processes (they also end with this process)."""
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
 
     def evaluate(self, act: ActFn, rank: int = 0, world_size: int = 1) -> dict[str, Tensor]:
         episodes = list(range(rank, self.num_episodes, world_size))
         out = {"success": [], "return": [], "length": []}
-        for start in range(0, len(episodes), self.num_envs):
-            wave = episodes[start : start + self.num_envs]
-            for key, values in self._run_wave(act, wave).items():
-                out[key].extend(values)
+        threads = torch.get_num_threads()
+        if self.workers:
+            # The policy's CPU threads would spin between calls on the cores the workers step on: one thread while
+            # the workers run (docs/performance.md, "Evaluation").
+            torch.set_num_threads(1)
+        try:
+            for start in range(0, len(episodes), self.num_envs):
+                wave = episodes[start : start + self.num_envs]
+                for key, values in self._run_wave(act, wave).items():
+                    out[key].extend(values)
+        finally:
+            torch.set_num_threads(threads)
         return {k: torch.tensor(v, dtype=torch.float32) for k, v in out.items()}
 
     def _run_wave(self, act: ActFn, wave: list[int]) -> dict[str, list[float]]:
-        envs = self.envs(len(wave))
         n = len(wave)
-        obs = [env.reset(seed=self.seed + e)[0] for env, e in zip(envs, wave, strict=True)]
-        queues: list[list[np.ndarray]] = [[] for _ in range(n)]
-        active = [True] * n
+        seeds = [(i, self.seed + e) for i, e in enumerate(wave)]
+        if self.workers:
+            pool = self._workers()
+            obs = pool.call("reset", seeds)
+        else:
+            envs = self.envs(n)
+            obs = [envs[i].reset(seed=seed)[0] for i, seed in seeds]
+        active = list(range(n))
         ret, length, success = [0.0] * n, [0] * n, [0.0] * n
-        while any(active):
-            need = [i for i in range(n) if active[i] and not queues[i]]
-            if need:
-                batch = torch.as_tensor(np.stack([obs[i] for i in need]), dtype=torch.float32)
-                chunks = act(batch).float().cpu().numpy().reshape(len(need), self.horizon, self.action_dim)
-                for j, i in enumerate(need):
-                    queues[i] = list(chunks[j])
-            for i in range(n):
-                if not active[i]:
-                    continue
-                obs[i], reward, terminated, truncated, info = envs[i].step(queues[i].pop(0))
-                ret[i] += float(reward)
-                length[i] += 1
-                if terminated or truncated:
-                    active[i] = False
-                    success[i] = float(info.get("success", 0.0))
+        while active:
+            # every active environment has used up its chunk: one batched policy call for all of them
+            batch = torch.as_tensor(np.stack([obs[i] for i in active]), dtype=torch.float32)
+            chunks = act(batch).float().cpu().numpy().reshape(len(active), self.horizon, self.action_dim)
+            items = [(i, chunks[j], ret[i]) for j, i in enumerate(active)]
+            if self.workers:
+                results = pool.call("chunks", items)
+            else:
+                results = [run_chunk(envs[i], actions, r) for i, actions, r in items]
+            still = []
+            for i, (o, r, steps, over, succ) in zip(active, results, strict=True):
+                obs[i], ret[i], length[i] = o, r, length[i] + steps
+                if over:
+                    success[i] = succ
+                else:
+                    still.append(i)
+            active = still
         return {"success": success, "return": ret, "length": [float(x) for x in length]}
