@@ -386,6 +386,23 @@ def cgql_draws(arrays: dict[str, np.ndarray], cfg: dict) -> dict[str, torch.Tens
 UNIFORM_DRAWS = frozenset({"bc/t"})  # jax.random.uniform in the record; every other draw is jax.random.normal
 
 
+def recorded_draw(draws: dict[str, torch.Tensor], uniform_names=UNIFORM_DRAWS, flow_steps: int | None = None):
+    """A ``draw`` method for a recorded agent subclass: hands out the recorded draw by name and appends the name to
+    ``self.draw_calls``; a draw of another shape or kind fails instead of being reshaped. With ``flow_steps`` K, an
+    ``am/eps`` asked for as K-1 steps gets the documented slice (the reference's K-th per-step draw is never used)."""
+
+    def draw(self, name, *shape, uniform=False):
+        value = draws[name]
+        assert uniform == (name in uniform_names), f"{name}: uniform={uniform} but the record drew the other kind"
+        if flow_steps is not None and name == "am/eps" and tuple(shape) == (flow_steps - 1, *value.shape[1:]):
+            value = value[: flow_steps - 1]
+        assert tuple(shape) == value.shape, f"{name}: asked for {tuple(shape)}, recorded {tuple(value.shape)}"
+        self.draw_calls.append(name)
+        return value.to(self.device)
+
+    return draw
+
+
 # ---- comparing one update's changes -------------------------------------------------------------------------------
 
 

@@ -32,6 +32,7 @@ from golden import (
     load,
     load_params,
     param_maps,
+    recorded_draw,
     recorded_draws,
     update_tolerance,
     velocity_field,
@@ -252,13 +253,7 @@ def recorded_cgql():
     draws = recorded_draws(arrays, cfg)
 
     class Recorded(CGQL):
-        def draw(self, name, *shape, uniform=False):
-            """Hands out the recorded draw; a draw of another shape or kind fails instead of being reshaped."""
-            value = draws[name]
-            assert uniform == (name in CGQL_UNIFORM), f"{name}: uniform={uniform} but the record drew the other kind"
-            assert tuple(shape) == value.shape, f"{name}: asked for {tuple(shape)}, recorded {tuple(value.shape)}"
-            self.draw_calls.append(name)
-            return value.to(self.device)
+        draw = recorded_draw(draws, CGQL_UNIFORM)
 
         def critic_loss(self, batch):
             self.critic_out = super().critic_loss(batch)

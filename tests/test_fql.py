@@ -22,7 +22,6 @@ from golden import (
     AGENT_ONLINE,
     NEUTRAL_HPARAMS,
     OPTAX_ADAM,
-    UNIFORM_DRAWS,
     agent_hparams,
     assert_change_close,
     assert_params_and_adam_match,
@@ -33,6 +32,7 @@ from golden import (
     load_params,
     onestep_policy,
     param_maps,
+    recorded_draw,
     recorded_draws,
     t,
     update_tolerance,
@@ -224,13 +224,7 @@ def recorded_fql():
     draws = recorded_draws(arrays, cfg)
 
     class Recorded(FQL):
-        def draw(self, name, *shape, uniform=False):
-            """Hands out the recorded draw; a draw of another shape or kind fails instead of being reshaped."""
-            value = draws[name]
-            assert uniform == (name in UNIFORM_DRAWS), f"{name}: uniform={uniform} but the record drew the other kind"
-            assert tuple(shape) == value.shape, f"{name}: asked for {tuple(shape)}, recorded {tuple(value.shape)}"
-            self.draw_calls.append(name)
-            return value.to(self.device)
+        draw = recorded_draw(draws)
 
         def bc_loss(self, batch):
             self.bc_out = super().bc_loss(batch)

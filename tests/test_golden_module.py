@@ -17,13 +17,13 @@ from torch.utils.data import DataLoader
 from golden import (
     NEUTRAL_HPARAMS,
     OPTAX_ADAM,
-    UNIFORM_DRAWS,
     actor_param_map,
     agent_hparams,
     assert_change_close,
     critic_param_map,
     flax_to_torch,
     load,
+    recorded_draw,
     recorded_draws,
     t,
     update_tolerance,
@@ -51,15 +51,7 @@ def recorded_agent(agent: str, **overrides):
     cls = TRQAM if agent == "trqam" else QAM
 
     class Recorded(cls):
-        def draw(self, name, *shape, uniform=False):
-            """Hands out the recorded draw; a draw of another shape or kind fails instead of being reshaped."""
-            value = draws[name]
-            assert uniform == (name in UNIFORM_DRAWS), f"{name}: uniform={uniform} but the record drew the other kind"
-            if name == "am/eps" and tuple(shape) == (K - 1, *value.shape[1:]):
-                value = value[: K - 1]  # the documented slice: the reference's K-th per-step draw is never used
-            assert tuple(shape) == value.shape, f"{name}: asked for {tuple(shape)}, recorded {tuple(value.shape)}"
-            self.draw_calls.append(name)
-            return value.to(self.device)
+        draw = recorded_draw(draws, flow_steps=K)
 
         # keep what the step's loss terms returned, to compare them with the record
         def bc_loss(self, batch, *noise):

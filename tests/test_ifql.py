@@ -22,7 +22,6 @@ from golden import (
     AGENT_ONLINE,
     NEUTRAL_HPARAMS,
     OPTAX_ADAM,
-    UNIFORM_DRAWS,
     agent_hparams,
     assert_change_close,
     assert_params_and_adam_match,
@@ -32,6 +31,7 @@ from golden import (
     load,
     load_params,
     param_maps,
+    recorded_draw,
     recorded_draws,
     state_value,
     update_tolerance,
@@ -180,13 +180,7 @@ def recorded_ifql():
     draws = recorded_draws(arrays, cfg)
 
     class Recorded(IFQL):
-        def draw(self, name, *shape, uniform=False):
-            """Hands out the recorded draw; a draw of another shape or kind fails instead of being reshaped."""
-            value = draws[name]
-            assert uniform == (name in UNIFORM_DRAWS), f"{name}: uniform={uniform} but the record drew the other kind"
-            assert tuple(shape) == value.shape, f"{name}: asked for {tuple(shape)}, recorded {tuple(value.shape)}"
-            self.draw_calls.append(name)
-            return value.to(self.device)
+        draw = recorded_draw(draws)
 
         def value_loss(self, batch):
             self.value_out = super().value_loss(batch)

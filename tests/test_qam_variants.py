@@ -22,7 +22,6 @@ from golden import (
     GRAD_CLIP_NORM,
     NEUTRAL_HPARAMS,
     OPTAX_ADAM,
-    UNIFORM_DRAWS,
     agent_hparams,
     assert_change_close,
     assert_params_and_adam_match,
@@ -34,6 +33,7 @@ from golden import (
     onestep_policy,
     param_maps,
     record_shapes,
+    recorded_draw,
     recorded_draws,
     update_tolerance,
     velocity_field,
@@ -240,15 +240,7 @@ def recorded_agent(variant: str):
     K = cfg["flow_steps"]
 
     class Recorded(AGENT_CLASS[variant]):
-        def draw(self, name, *shape, uniform=False):
-            """Hands out the recorded draw; a draw of another shape or kind fails instead of being reshaped."""
-            value = draws[name]
-            assert uniform == (name in UNIFORM_DRAWS), f"{name}: uniform={uniform} but the record drew the other kind"
-            if name == "am/eps" and tuple(shape) == (K - 1, *value.shape[1:]):
-                value = value[: K - 1]  # the documented slice: the reference's K-th per-step draw is never used
-            assert tuple(shape) == value.shape, f"{name}: asked for {tuple(shape)}, recorded {tuple(value.shape)}"
-            self.draw_calls.append(name)
-            return value.to(self.device)
+        draw = recorded_draw(draws, flow_steps=K)
 
         def bc_loss(self, batch, *noise):
             self.bc_out = super().bc_loss(batch, *noise)
