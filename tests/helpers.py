@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -178,3 +179,14 @@ def assert_dual_descent(scalars, eps_kl: float, eta: float, steps) -> None:
         assert ema[step] == pytest.approx(exp_ema, rel=F32), (step, ema[step], exp_ema)
         assert lam[step] == pytest.approx(exp_lam, rel=F32), (step, lam[step], exp_lam)
         prev_lam, prev_ema = lam[step], ema[step]
+
+
+class KillDuringEvaluation(pl.Callback):
+    """Kill test probe: SIGKILLs its own process when the evaluation at global step ``step`` starts."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)

@@ -280,3 +280,43 @@ def test_test_subcommand_runs_the_evaluation(toy_run):
                     f"--trainer.logger.init_args.save_dir={root / 'test'}"], cwd=root)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_evaluates_v_ft(run_dir(root, "test"), ckpt)
+
+
+def final_state(root) -> dict:
+    ckpt = torch.load(run_dir(root) / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    return ckpt["state_dict"]
+
+
+def test_a_run_killed_during_an_evaluation_resumes_before_it_and_evaluates_that_step(tmp_path):
+    """A checkpoint due at an evaluation step is written after the evaluation. A run SIGKILLed during the step-20
+    evaluation resumes from step 15, evaluates step 20 and ends as an uninterrupted run does; one stopped after
+    the step-20 evaluation resumes without evaluating step 20 twice. (Before, the step-20 checkpoint was written
+    before the evaluation and Lightning's resume skipped it: the evaluation was lost.)"""
+    common = ["fit", "--config", TOY, *SMALL, "--checkpoint.every_n_train_steps=5"]
+    env = {"PYTHONPATH": str(CONFIGS.parent / "tests")}
+
+    def fit(name: str, max_steps: int, *extra: str) -> subprocess.CompletedProcess:
+        return run_cli([*common, *fast_trainer_args(tmp_path / name, max_steps, 10), *extra], cwd=tmp_path, env=env)
+
+    assert (straight := fit("straight", 30)).returncode == 0, straight.stderr[-3000:]
+    killed = fit("killed", 30, "--trainer.callbacks+=helpers.KillDuringEvaluation", "--trainer.callbacks.step=20")
+    assert killed.returncode == -signal.SIGKILL
+    stopped = fit("stopped", 20)
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    evals = {name: read_scalars(run_dir(tmp_path / name))["eval/return"] for name in ("straight", "killed", "stopped")}
+    # TensorBoard's step of a scalar logged after global step k is k - 1 (Lightning's batches-stepped counter)
+    assert [s for s, _ in evals["straight"]] == [9, 19, 29]
+    assert [s for s, _ in evals["killed"]] == [9]
+    assert [s for s, _ in evals["stopped"]] == [9, 19]
+
+    for name, resumed_step, expected_evals in (("killed", 15, [19, 29]), ("stopped", 20, [29])):
+        last = run_dir(tmp_path / name) / "checkpoints" / "last.ckpt"
+        assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == resumed_step
+        resumed = fit(name + "-resumed", 30, "--ckpt_path", str(last))
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        scalars = read_scalars(run_dir(tmp_path / (name + "-resumed")))
+        assert scalars["eval/return"] == [e for e in evals["straight"] if e[0] in expected_evals], name
+        assert min(s for s, _ in scalars["actor/bc_loss"]) == resumed_step  # training continues at the checkpoint
+        straight_state, state = final_state(tmp_path / "straight"), final_state(tmp_path / (name + "-resumed"))
+        for key in straight_state:
+            torch.testing.assert_close(state[key], straight_state[key], rtol=0, atol=0, msg=f"{name}: {key}")

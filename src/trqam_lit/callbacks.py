@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_warn
 
 
 class FinalEvaluation(pl.Callback):
@@ -21,6 +24,44 @@ class FinalEvaluation(pl.Callback):
             not isinstance(interval, int) or trainer.global_step % interval != 0
         ):
             trainer.should_stop = True
+
+
+def evaluates_after_this_batch(trainer: pl.Trainer) -> bool:
+    """Whether Lightning's loop runs the validation right after the current training batch (its own predicate)."""
+    if not trainer.enable_validation:
+        return False
+    fit_loop = trainer.fit_loop
+    return bool(fit_loop.epoch_loop._should_check_val_fx(fit_loop._data_fetcher))
+
+
+class Checkpoint(ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` (the CLI's ``checkpoint`` group), except that a save due at a step that also
+    evaluates is written after that evaluation instead of before it.
+
+    Lightning saves in ``on_train_batch_end``, before the step's validation, and a resume from such a file skips
+    that validation (the loop counts it as done). A run killed during the evaluation therefore lost it for good: the
+    resumed run went on without it. Written after the evaluation, a checkpoint resumes past an evaluation that did
+    happen, and a run killed during one resumes from the checkpoint before and evaluates that step again.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._after_evaluation: int | None = None  # the step whose save waits for its evaluation
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx):
+        if self._after_evaluation is not None:  # the loop did not evaluate after all: say so, save as usual
+            rank_zero_warn(f"no evaluation ran at step {self._after_evaluation}: its checkpoint was not written")
+            self._after_evaluation = None
+        if not trainer.sanity_checking and evaluates_after_this_batch(trainer):
+            self._after_evaluation = trainer.global_step
+            return
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if self._after_evaluation is not None and self._after_evaluation == trainer.global_step:
+            self._after_evaluation = None
+            super().on_train_batch_end(trainer, pl_module, None, None, 0)  # the same criteria, after the evaluation
 
 
 class EvaluationSummary(pl.Callback):

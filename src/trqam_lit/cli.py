@@ -5,11 +5,10 @@ from __future__ import annotations
 import sys
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from .agents import FlowAgent
-from .callbacks import EvaluationSummary, FinalEvaluation, StepsPerSecond
+from .callbacks import Checkpoint, EvaluationSummary, FinalEvaluation, StepsPerSecond
 from .checkpoint import AtomicCheckpointIO, check_checkpoint_file
 from .online import OnlinePhase
 
@@ -25,8 +24,9 @@ class TRQAMCLI(LightningCLI):
             ("data.discount", "model.init_args.discount"),
         ):
             parser.link_arguments(src, dst, apply_on="instantiate")
-        # Checkpointing is always on (last.ckpt for resume); its interval is a first-class option.
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        # Checkpointing is always on (last.ckpt for resume), written after an evaluation of the same step; its interval
+        # is a first-class option.
+        parser.add_lightning_class_args(Checkpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 1000})
         # Offline-to-online fine-tuning (trqam_lit.online); online.online_steps=0 (the default) trains offline only.
         parser.add_lightning_class_args(OnlinePhase, "online")
