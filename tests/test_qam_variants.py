@@ -486,3 +486,26 @@ def test_qam_e_loss_stays_finite_when_the_edit_saturates():
     assert all(torch.isfinite(v).all() for v in terms.values()), terms
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.edit_policy.parameters() if p.grad is not None)
+
+
+# QAM-F's compile (~40 s) with -m slow: QAM-E's is the one whose draws needed care
+@pytest.mark.parametrize("variant", [v if v == "qam-e" else pytest.param(v, marks=pytest.mark.slow) for v in VARIANTS])
+def test_the_compiled_step_equals_the_eager_step(variant):
+    """``compile_step``: the same draws, losses and gradients as the eager step (QAM-E's TD target draws its edit
+    eps; the compiled losses take it from ``draw_step_noise``, where the eager step used to draw it inside them)."""
+    batch = random_batch()
+    results = []
+    for compiled in (False, True):
+        model = small(variant, compile_step=compiled)
+        model.copy_bc_into_policy()
+        torch.manual_seed(3)
+        bc, q_loss, _, am = model.step_losses()(batch, model.draw_step_noise(batch))
+        (bc + q_loss + am.loss).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append(((bc, q_loss, am.loss, am.path_kl), grads))
+    (eager, eager_grads), (fast, fast_grads) = results
+    for a, b in zip(eager, fast, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    assert eager_grads.keys() == fast_grads.keys() and eager_grads
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(fast_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -66,9 +66,22 @@ class QAME(QAM):
         e, x = tanh_gaussian_sample(mean, log_std, eps)
         return Edit(edited_actions(a_flow, e, self.hparams.edit_scale), tanh_gaussian_log_prob(mean, log_std, x))
 
+    def draw_step_noise(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The base step's draws, then the TD target's edit draw ``critic/next_edit_eps`` (where the step always drew
+        it: after the AM draws), stacked under the flow noise in ``next_noise`` so the losses stay pure."""
+        noise = super().draw_step_noise(batch)
+        edit_eps = self.draw("critic/next_edit_eps", *noise["next_noise"].shape)
+        noise["next_noise"] = torch.stack([noise["next_noise"], edit_eps])
+        return noise
+
     def next_actions(self, s_next: Tensor, noise: Tensor) -> Tensor:
+        """The edited next action; ``noise`` is the flow noise (B, A), the edit's eps then drawn here, or both
+        stacked (2, B, A) as ``draw_step_noise`` gives them."""
+        noise, edit_eps = (noise[0], noise[1]) if noise.dim() == 3 else (noise, None)
         a_flow = sample_actions(self.v_ft, s_next, noise, self.flow_steps)
-        return self.edit(s_next, a_flow, self.draw("critic/next_edit_eps", *noise.shape)).action
+        if edit_eps is None:
+            edit_eps = self.draw("critic/next_edit_eps", *noise.shape)
+        return self.edit(s_next, a_flow, edit_eps).action
 
     def policy_actions(self, s: Tensor, noise: Tensor) -> Tensor:
         a = sample_actions(self.policy_net, s, noise, self.flow_steps)
