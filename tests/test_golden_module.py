@@ -58,13 +58,13 @@ def recorded_agent(agent: str, **overrides):
             self.bc_out = super().bc_loss(batch, *noise)
             return self.bc_out
 
-        def critic_loss(self, batch, *noise):
-            out = super().critic_loss(batch, *noise)
+        def critic_loss(self, batch, *noise, **given):
+            out = super().critic_loss(batch, *noise, **given)
             self.critic_out = out[0]
             return out
 
-        def actor_objective(self, s, x0, eps):
-            self.am_out = super().actor_objective(s, x0, eps)
+        def actor_objective(self, s, x0, eps, **given):
+            self.am_out = super().actor_objective(s, x0, eps, **given)
             return self.am_out
 
     model = Recorded(**hparams)

@@ -25,6 +25,7 @@ from trqam_lit.sde import (
     memoryless_g,
     path_kl_terms,
     rollout_fused,
+    rollout_fused_with_ode,
     rollout_torchsde,
 )
 
@@ -122,6 +123,23 @@ def test_fused_and_torchsde_rollouts_give_identical_states_and_kl(nets):
         vb = v_base(s, fused[:K], t.reshape(K, 1, 1))
     terms = path_kl_terms(vf, vb, memoryless_g(t, 1 / K), 1 / K)
     torch.testing.assert_close(log_ratio, terms[: K - 1], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("rows", [B, 64])
+def test_the_shared_rollout_gives_the_rollout_and_the_next_action_ode(nets, rows):
+    """One v_ft call on both row sets per shared flow time: the same states and ODE end point as the two loops."""
+    v_ft, v_base, *_ = nets
+    s, s_next, x0, y0 = torch.randn(rows, OBS), torch.randn(rows, OBS), torch.randn(rows, ACT), torch.randn(rows, ACT)
+    eps = torch.randn(K - 1, rows, ACT)
+    sde = FlowSDE(v_ft, v_base, s, K)
+    with torch.no_grad():
+        xs, y = rollout_fused_with_ode(sde, x0, eps, s_next, y0)
+        torch.testing.assert_close(xs, rollout_fused(sde, x0, eps), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(y, euler_ode(v_ft, s_next, y0, K), rtol=1e-6, atol=1e-6)
+        # the states do not depend on the ODE's rows, nor the end point on the SDE's
+        xs_other, y_other = rollout_fused_with_ode(sde, x0, eps, torch.randn(rows, OBS), torch.randn(rows, ACT))
+        torch.testing.assert_close(xs_other, xs, rtol=1e-6, atol=1e-6)
+        assert not torch.allclose(y_other, y)
 
 
 def test_rollout_last_step_is_the_noiseless_base_ode_step(nets):

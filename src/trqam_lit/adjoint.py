@@ -120,15 +120,18 @@ def adjoint_matching_objective(
     adj_scale: float = 1.0,
     solver: Solver = "fused",
     clip_action: bool = True,
+    xs: Tensor | None = None,
 ) -> AMOutput:
     """One adjoint-matching pass: rollout, terminal and lean adjoints, L_AM and the path-KL estimate.
 
     TRQAM: ``lam_eff = lam_scale * lambda``, ``adj_scale = 1``. QAM: ``lam_eff = 1``, ``adj_scale = inv_temp``.
-    ``x0`` (B, A) and ``eps`` (K-1 or K, B, A) are the rollout's standard-normal draws.
+    ``x0`` (B, A) and ``eps`` (K-1 or K, B, A) are the rollout's standard-normal draws; ``xs`` (K+1, B, A), when
+    given, are the rollout's states from them, already computed (``sde.rollout_fused_with_ode``).
     """
     K, h = num_steps, 1.0 / num_steps
-    with torch.no_grad():
-        xs = rollout(FlowSDE(v_ft, v_base, s, K), x0, eps, solver)
+    if xs is None:
+        with torch.no_grad():
+            xs = rollout(FlowSDE(v_ft, v_base, s, K), x0, eps, solver)
     adj_final = terminal_adjoint(q_fn, s, xs[-1], scale=adj_scale, clip=clip_action)
     adjs = lean_adjoint(v_base, s, xs, adj_final)
     t = flow_time_grid(K, device=x0.device)

@@ -14,9 +14,9 @@ from torch import Tensor, nn
 
 from ..adjoint import AMOutput, adjoint_matching_objective
 from ..callbacks import DualDescentStep
-from ..flow import sample_actions
+from ..flow import ACTION_CLIP, sample_actions
 from ..nets import VelocityField
-from ..sde import Solver
+from ..sde import FlowSDE, Solver, rollout_fused_with_ode
 from .base import FlowAgent
 
 _COMPILED: dict[type, Callable] = {}  # compiled fine_tune_losses per agent class (compile_step)
@@ -85,11 +85,22 @@ class AdjointMatchingAgent(FlowAgent):
     def adj_scale(self) -> float:
         raise NotImplementedError
 
-    def actor_objective(self, s: Tensor, x0: Tensor, eps: Tensor) -> AMOutput:
-        """The adjoint-matching pass from the rollout's draws ``x0`` (B, A) and ``eps`` (K-1, B, A)."""
+    def actor_objective(self, s: Tensor, x0: Tensor, eps: Tensor, xs: Tensor | None = None) -> AMOutput:
+        """The adjoint-matching pass from the rollout's draws ``x0`` (B, A) and ``eps`` (K-1, B, A) (and the rollout's
+        states ``xs`` if already computed)."""
         return adjoint_matching_objective(
             self.v_ft, self.v_base, self.q_fn(target=True), s, x0, eps, self.flow_steps, self.hparams.horizon,
-            lam_eff=self.lam_eff, adj_scale=self.adj_scale, solver=self.hparams.sde_solver,
+            lam_eff=self.lam_eff, adj_scale=self.adj_scale, solver=self.hparams.sde_solver, xs=xs,
+        )  # fmt: skip
+
+    @property
+    def shares_rollout(self) -> bool:
+        """Whether the TD target's next action is integrated beside the AM rollout (``rollout_fused_with_ode``: one v_ft
+        call on 2B rows per shared flow time): with the fused solver, a learned critic, and the next action v_ft's
+        ODE (an agent with its own ``next_actions``, QAM-F's one-step policy or QAM-E's edit, keeps its own)."""
+        return (
+            self.hparams.sde_solver == "fused" and self.analytic_q is None
+            and type(self).next_actions is AdjointMatchingAgent.next_actions
         )  # fmt: skip
 
     def draw_step_noise(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -110,9 +121,17 @@ class AdjointMatchingAgent(FlowAgent):
         """(L_BC, L_Q, Q(s, a), the AM pass) of one fine-tuning step: a pure function of the weights, the batch and
         the draws (``draw_step_noise``), so ``compile_step`` can compile it as one graph."""
         bc = self.bc_loss(batch, noise["bc_x0"], noise["bc_t"])
-        q_loss, q = self.critic_loss(batch, noise["next_noise"])
-        am = self.actor_objective(batch["observations"], noise["am_x0"], noise["am_eps"])
-        return bc, q_loss, q, am
+        s = batch["observations"]
+        if not self.shares_rollout:
+            q_loss, q = self.critic_loss(batch, noise["next_noise"])
+            return bc, q_loss, q, self.actor_objective(s, noise["am_x0"], noise["am_eps"])
+        with torch.no_grad():
+            sde = FlowSDE(self.v_ft, self.v_base, s, self.flow_steps)
+            xs, a_next = rollout_fused_with_ode(
+                sde, noise["am_x0"], noise["am_eps"], batch["next_observations"], noise["next_noise"]
+            )
+        q_loss, q = self.critic_loss(batch, a_next=a_next.clamp(-ACTION_CLIP, ACTION_CLIP))  # as sample_actions
+        return bc, q_loss, q, self.actor_objective(s, noise["am_x0"], noise["am_eps"], xs=xs)
 
     def step_losses(self) -> Callable[..., tuple[Tensor, Tensor, Tensor, AMOutput]]:
         """``fine_tune_losses``, compiled once per agent class when ``compile_step`` is set."""

@@ -265,19 +265,22 @@ class FlowAgent(pl.LightningModule):
             t = self.draw("bc/t", a.shape[0], 1, uniform=True)
         return bc_flow_loss(self.v_bc, s, a, x0, t, batch["valid"])
 
-    def critic_loss(self, batch: dict[str, Tensor], next_noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """(L_Q, Q(s, a) of every member, detached) with the next action from ``next_actions`` (the AM agents: the
-        current v_ft ODE) from ``next_noise`` (drawn here, ``critic/next_noise``, if not given); zero loss for an
-        analytic critic."""
+    def critic_loss(
+        self, batch: dict[str, Tensor], next_noise: Tensor | None = None, a_next: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """(L_Q, Q(s, a) of every member, detached) with the next action ``a_next``, or from ``next_actions`` (the AM
+        agents: the current v_ft ODE) from ``next_noise`` (drawn here, ``critic/next_noise``, if not given); zero loss
+        for an analytic critic."""
         s, a = batch["observations"], batch["actions"]
         if self.analytic_q is not None:
             with torch.no_grad():
                 return torch.zeros((), device=a.device), self.analytic_q(s, a).float()
         with torch.no_grad():
             s_next = batch["next_observations"]
-            if next_noise is None:
-                next_noise = self.draw("critic/next_noise", *a.shape)
-            a_next = self.next_actions(s_next, next_noise)
+            if a_next is None:
+                if next_noise is None:
+                    next_noise = self.draw("critic/next_noise", *a.shape)
+                a_next = self.next_actions(s_next, next_noise)
             next_q = ensemble_pessimistic_value(self.target_critic(s_next, a_next), self.hparams.rho_q)
             y = td_target(batch["rewards"], batch["masks"], next_q, self.hparams.discount, self.hparams.horizon)
         q = self.critic(s, a)
