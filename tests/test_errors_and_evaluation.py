@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 from pathlib import Path
 
 os.environ.setdefault("MUJOCO_GL", "disable")
@@ -362,3 +363,19 @@ def test_a_failing_evaluation_worker_raises_with_its_traceback():
         ev.close()
     with pytest.raises(ValueError, match="workers must be >= 0"):
         OGBenchEvaluator(CUBE, horizon=2, action_dim=CUBE_ACT, workers=-1)
+
+
+def test_a_killed_evaluation_worker_is_reported_and_the_evaluator_still_closes():
+    # A worker killed from outside (the OOM killer, a stray signal) between evaluations: the next evaluation raises
+    # a clear error naming the worker and its exit code (not a bare BrokenPipeError from the pipe), and close() works.
+    ev = OGBenchEvaluator(CUBE, horizon=2, action_dim=CUBE_ACT, num_episodes=2, num_envs=2, workers=2)
+    try:
+        ev.evaluate(lambda obs: observation_policy(obs, 2 * CUBE_ACT))
+        victim = ev._pool.procs[1]
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.join(timeout=10)
+        with pytest.raises(RuntimeError, match=r"evaluation worker 1 died \(exit code -9\)"):
+            ev.evaluate(lambda obs: observation_policy(obs, 2 * CUBE_ACT))
+    finally:
+        ev.close()
+    assert ev._pool is None

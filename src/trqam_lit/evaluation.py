@@ -101,22 +101,27 @@ class _EnvWorkers:
         for w, indices in enumerate(parts):
             if indices:
                 local = [(items[i][0] // count, *items[i][1:]) for i in indices]
-                self.conns[w].send((cmd, [x[0] for x in local] if cmd == "make" else local))
+                try:
+                    self.conns[w].send((cmd, [x[0] for x in local] if cmd == "make" else local))
+                except OSError:  # BrokenPipeError, ConnectionResetError: the worker is gone
+                    raise self._died(w) from None
         results: list = [None] * len(items)
         for w, indices in enumerate(parts):
             if not indices:
                 continue
             try:
                 status, value = self.conns[w].recv()
-            except EOFError:
-                raise RuntimeError(
-                    f"evaluation worker {w} died (exit code {self.procs[w].exitcode}); see its output above"
-                ) from None
+            except (EOFError, OSError):
+                raise self._died(w) from None
             if status == "error":
                 raise RuntimeError(f"evaluation worker {w} failed:\n{value}")
             for i, r in zip(indices, value or [None] * len(indices), strict=True):
                 results[i] = r
         return results
+
+    def _died(self, w: int) -> RuntimeError:
+        self.procs[w].join(timeout=1)  # reaped, so its exit code is known
+        return RuntimeError(f"evaluation worker {w} died (exit code {self.procs[w].exitcode}); see its output above")
 
     def close(self) -> None:
         for conn in self.conns:
