@@ -11,18 +11,20 @@ import torch
 from helpers import CONFIGS, REPO, assert_kl_is_the_rank_mean, fast_trainer_args, run_cli
 
 
-def test_two_process_ddp_keeps_every_rank_identical(tmp_path):
-    dump = tmp_path / "states"
-    env = {"PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
+def ddp_toy_run(run_dir, *extra: str, env: dict | None = None) -> tuple[dict, dict]:
+    """A 12-step 2-process DDP TRQAM run on the toy bandit with a learned critic; both ranks' final states."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump = run_dir / "states"
+    env = {"PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]), **(env or {})}
     args = [
-        "fit", "--config", str(CONFIGS / "toy" / "bandit.yaml"), *fast_trainer_args(tmp_path, 12, 12),
+        "fit", "--config", str(CONFIGS / "toy" / "bandit.yaml"), *fast_trainer_args(run_dir, 12, 12),
         "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu",
         "--model.init_args.bc_warmup_steps=4", "--model.init_args.analytic_critic=false",
         "--data.init_args.batch_size=32", "--data.init_args.eval_samples=64",
         "--trainer.callbacks+=helpers.StateDump", f"--trainer.callbacks.dirpath={dump}",
-        "--trainer.callbacks+=helpers.StepValues", f"--trainer.callbacks.dirpath={dump}",
+        "--trainer.callbacks+=helpers.StepValues", f"--trainer.callbacks.dirpath={dump}", *extra,
     ]  # fmt: skip
-    proc = run_cli(args, cwd=tmp_path, env=env)
+    proc = run_cli(args, cwd=run_dir, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     r0, r1 = (torch.load(dump / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     assert r0.keys() == r1.keys()
@@ -30,8 +32,27 @@ def test_two_process_ddp_keeps_every_rank_identical(tmp_path):
     for key in r0:
         torch.testing.assert_close(r0[key], r1[key], rtol=0, atol=0, msg=f"{key} differs between ranks")
     # DDP broadcasts rank 0's buffers before every forward, so identical lambdas alone would not show the average
-    (log_dir,) = (tmp_path / "runs").glob("*/version_*")
+    (log_dir,) = (run_dir / "runs").glob("*/version_*")
     assert_kl_is_the_rank_mean(log_dir, dump, first_step=4)
+    return r0, r1
+
+
+def test_two_process_ddp_keeps_every_rank_identical(tmp_path):
+    ddp_toy_run(tmp_path)
+
+
+@pytest.mark.slow
+def test_the_compiled_step_under_ddp_keeps_every_rank_identical_and_equals_the_eager_step(tmp_path):
+    """compile_step under 2-process DDP: gradients still all-reduced (ranks identical, KL the rank mean), and the
+    final state is the eager DDP run's (same draws, same batches; fp32 reassociation only)."""
+    fused = ["--model.init_args.sde_solver=fused"]
+    env = {"OMP_NUM_THREADS": "1"}  # two compiling processes on 2 cores
+    compiled, _ = ddp_toy_run(tmp_path / "compiled", *fused, "--model.init_args.compile_step=true", env=env)
+    eager, _ = ddp_toy_run(tmp_path / "eager", *fused, env=env)
+    for key in eager:
+        torch.testing.assert_close(compiled[key], eager[key], rtol=1e-4, atol=1e-5, msg=f"{key}: compiled vs eager")
+    # and the compiled graph did run: its fused kernels round differently somewhere (a silent eager run would not)
+    assert any(not torch.equal(compiled[k], eager[k]) for k in eager if eager[k].is_floating_point())
 
 
 # One baseline in the default run (the DDP machinery is the shared base's; each agent's own state is covered by its
