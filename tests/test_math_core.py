@@ -245,8 +245,10 @@ def test_dual_step_reference_form_clips_kl_and_lambda():
 def test_dual_descent_module_forms_and_state():
     ref = DualDescent(eps_kl=0.5)
     assert ref.lam.item() == 1.0 and ref.kl_ema.item() == 0.0 and ref.lam_eff.item() == pytest.approx(3.0)
-    ref.step(torch.tensor(10.0))
+    clipped = ref.step(torch.tensor(10.0))
+    assert clipped.item() == pytest.approx(1.0)  # what the callback logs as dual/kl_clipped: 2 * 0.5
     assert ref.kl_ema.item() == pytest.approx(0.1)  # clipped at 2 * 0.5
+    assert ref.step(torch.tensor(0.3)).item() == pytest.approx(0.3)  # below the clip: passed through
     paper = DualDescent(eps_kl=0.5, form="paper")
     paper.step(torch.tensor(10.0))
     assert paper.kl_ema.item() == pytest.approx(1.0)  # no clip
@@ -257,3 +259,20 @@ def test_dual_descent_module_forms_and_state():
     assert set(dict(ref.named_buffers())) == {"lam", "kl_ema"}
     with pytest.raises(ValueError, match="dual form"):
         DualDescent(form="nope")
+
+
+def test_the_trqam_agent_defaults_are_the_reference_dual_step():
+    """An agent built without dual arguments runs spec method.md section 4's step: KL clipped at 2 eps, averaged
+    with rho 0.1 from 0, eta 0.01, lambda in [0.01, 100] from 1, lambda_eff = 3 lambda."""
+    from trqam_lit.agents import TRQAM
+
+    dual = TRQAM(obs_dim=OBS, action_dim=ACT, horizon=1, actor_hidden_dims=(8,), critic_hidden_dims=(8,)).dual
+    assert (dual.form, dual.eps_kl, dual.eta, dual.rho, dual.kl_clip) == ("reference", 1.0, 0.01, 0.1, 2.0)
+    assert (dual.lam.item(), dual.kl_ema.item(), dual.lam_eff.item()) == (1.0, 0.0, pytest.approx(3.0))
+    # the projection bounds: one step from just inside each (KL_ema at its clip 2, or at 0) stops at 100 / 0.01
+    dual.lam.fill_(99.999), dual.kl_ema.fill_(2.0)
+    dual.step(torch.tensor(1e3))  # KL_ema stays 2: lambda + 0.01 * (2 - 1) = 100.009
+    assert dual.lam.item() == pytest.approx(100.0, abs=1e-4)
+    dual.lam.fill_(0.015), dual.kl_ema.fill_(0.0)
+    dual.step(torch.tensor(0.0))  # lambda - 0.01 = 0.005
+    assert dual.lam.item() == pytest.approx(0.01)
