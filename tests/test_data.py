@@ -557,3 +557,42 @@ def test_npz_inspection_reads_headers_only(tmp_path) -> None:
     assert shapes["button_states"][1] == np.int64 and shapes["observations"][0][1] == 40
     with zipfile.ZipFile(fixture_path("scene-play-v0")) as zf:
         assert "observations.npy" in zf.namelist()
+
+
+def test_replay_buffer_edges_write_head_resume_and_stored_values(cube_table) -> None:
+    """The online part's edge cases: the write head in the middle of an episode, appending after a resume, and what
+    ``add`` stores (the action clip, the sparse reward, the mask of an unsolved episode end)."""
+    rng = np.random.default_rng(2)
+    n_off = len(cube_table)
+    # Wrapped mid-episode: 8 steps of a 10-step episode into 6 slots; the newest row (slot 1) is not a terminal,
+    # yet a chunk from it must stop at the write head instead of running into the oldest row (slot 2).
+    buf = ReplayBuffer(cube_table, capacity_extra=6)
+    episode = _online_episode(rng, 10)
+    for tr in episode[:8]:
+        buf.add(*tr)
+    got = buf.sample(np.array([n_off + 1, n_off + 2]), 2, 0.99)
+    assert got["valid"].tolist() == [0.0, 1.0]
+
+    # Resumed with room left: the next transition is appended after the restored ones, as in the original buffer.
+    partial = ReplayBuffer(cube_table, capacity_extra=6)
+    for tr in episode[:3]:
+        partial.add(*tr)
+    restored = ReplayBuffer(cube_table, capacity_extra=6)
+    restored.load_state_dict(partial.state_dict())
+    for b in (partial, restored):
+        b.add(*episode[3])
+    for key, value in partial.state_dict()["online"].items():
+        torch.testing.assert_close(restored.state_dict()["online"][key], value, rtol=0, atol=0, msg=key)
+
+    # Stored values: actions clipped as the offline data's; sparse rewards -1 * (r != 0); a time-limit end without
+    # success is a terminal with mask 1 (it bootstraps).
+    sparse = ReplayBuffer(cube_table, capacity_extra=4, sparse=True)
+    obs, nxt = np.zeros(28, np.float32), np.ones(28, np.float32)
+    action = np.array([1.0, -1.0, 0.5, 2.0, -3.0], np.float32)
+    sparse.add(obs, action, 0.0, False, 1.0, nxt)
+    sparse.add(obs, action, 5.0, True, 1.0, nxt)
+    online = sparse.state_dict()["online"]
+    limit = 1.0 - 1e-5
+    np.testing.assert_array_equal(online["actions"][0].numpy(), np.float32([limit, -limit, 0.5, limit, -limit]))
+    assert online["rewards"].tolist() == [0.0, -1.0]
+    assert online["terminals"].tolist() == [0.0, 1.0] and online["masks"].tolist() == [1.0, 1.0]

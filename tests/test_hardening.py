@@ -21,6 +21,7 @@ from trqam_lit.agents import BC, QAM, TRQAM
 from trqam_lit.callbacks import DualDescentStep
 from trqam_lit.data import OGBenchDataModule
 from trqam_lit.data.errors import DatasetFormatError
+from trqam_lit.rng import EVAL_NOISE, seeded
 from trqam_lit.toy import ToyBanditDataModule
 
 FIXTURES = Path(trqam_lit.__file__).parent / "data" / "fixtures"
@@ -183,6 +184,17 @@ def test_draws_are_a_function_of_seed_rank_and_step_only():
     seven = draws(0, 5)
     model.rng_seed.fill_(8)
     assert not torch.equal(seven, draws(0, 5))
+
+    # Within one step the draws continue one stream (bc/x0, critic/next_noise, am/x0 are different noise), and that
+    # stream is not the evaluation's acting noise at the same step (trqam_lit.rng: one seed per purpose).
+    model._trainer = types.SimpleNamespace(global_rank=0, global_step=5)
+    model._gen_step = -1
+    first, second = model.draw("bc/x0", 4, 3), model.draw("critic/next_noise", 4, 3)
+    assert not torch.equal(first, second)
+    with seeded(torch.device("cpu"), model.seed_of(EVAL_NOISE)):
+        acting = torch.randn(4, 3)
+    assert not torch.equal(first, acting)
+    model._trainer = None
 
 
 def test_a_fresh_fit_takes_the_seed_of_seed_everything():
