@@ -234,3 +234,19 @@ def test_the_dual_step_is_a_callback_that_runs_before_model_checkpoint(tmp_path)
     saved = torch.load(tmp_path / "epoch=0-step=4.ckpt", map_location="cpu", weights_only=False)
     assert saved["state_dict"]["dual.lam"].item() == model.dual.lam.item()
     assert math.isfinite(model.dual.kl_ema.item())
+
+
+def test_fine_tuning_starts_with_a_fresh_adam_after_the_bc_warm_up():
+    # Adam's moments and count from the BC warm-up (v_bc's 2 steps) are dropped when fine-tuning starts, as when it
+    # starts from a BC checkpoint: after the first fine-tuning step every parameter's count is 1.
+    model, dm = toy(bc_warmup_steps=2)
+    seen = {}
+
+    class Counts(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+            (opt,) = trainer.optimizers
+            seen[trainer.global_step] = {int(s["step"]) for s in opt.state.values()}
+
+    fit(model, dm, 3, callbacks=[Counts()])
+    assert seen[2] == {2}  # the warm-up's two steps (idle networks are touched by a zero loss: stepped too)
+    assert seen[3] == {1}  # the first fine-tuning step, on a fresh Adam
