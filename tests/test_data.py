@@ -596,3 +596,43 @@ def test_replay_buffer_edges_write_head_resume_and_stored_values(cube_table) -> 
     np.testing.assert_array_equal(online["actions"][0].numpy(), np.float32([limit, -limit, 0.5, limit, -limit]))
     assert online["rewards"].tolist() == [0.0, -1.0]
     assert online["terminals"].tolist() == [0.0, 1.0] and online["masks"].tolist() == [1.0, 1.0]
+
+
+def test_chunk_streams_with_loader_workers_and_the_smallest_source(cube_table) -> None:
+    """With DataLoader workers the stream still yields the batch of global step k at position k (worker w of W takes
+    steps w, w + W, ...); and a source of exactly H transitions holds one chunk, every start in [0, N - H] drawn."""
+    from torch.utils.data import DataLoader
+
+    from trqam_lit.data.datamodule import ChunkStream, _SourceRef
+    from trqam_lit.data.replay import batch_rng, draw_batch
+
+    ref = _SourceRef()
+    ref.source = cube_table
+    stream = ChunkStream(ref, batch_size=4, horizon=5, discount=0.99, seed=3, start_step=10)
+    loader = DataLoader(stream, batch_size=None, num_workers=2)
+    got = [batch for _, batch in zip(range(4), loader, strict=False)]
+    for k, batch in enumerate(got):
+        want = draw_batch(cube_table, batch_rng(3, 0, 10 + k), 4, 5, 0.99)
+        for key, value in want.items():
+            torch.testing.assert_close(batch[key], value, rtol=0, atol=0, msg=f"step {10 + k} {key}")
+
+    class Starts:  # a source of N transitions that records the chunk starts asked for
+        def __init__(self, n: int) -> None:
+            self.n, self.starts = n, []
+
+        def __len__(self) -> int:
+            return self.n
+
+        def sample(self, idx, horizon, discount):
+            self.starts.extend(idx.tolist())
+            return {"idx": idx}
+
+    rng = np.random.default_rng(0)
+    exact = Starts(5)
+    draw_batch(exact, rng, 8, 5, 0.99)
+    assert exact.starts == [0] * 8
+    wider = Starts(7)
+    draw_batch(wider, rng, 200, 5, 0.99)
+    assert set(wider.starts) == {0, 1, 2}
+    with pytest.raises(ValueError, match="cannot hold a chunk"):
+        draw_batch(Starts(4), rng, 1, 5, 0.99)
