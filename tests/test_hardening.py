@@ -250,3 +250,25 @@ def test_fine_tuning_starts_with_a_fresh_adam_after_the_bc_warm_up():
     fit(model, dm, 3, callbacks=[Counts()])
     assert seen[2] == {2}  # the warm-up's two steps (idle networks are touched by a zero loss: stepped too)
     assert seen[3] == {1}  # the first fine-tuning step, on a fresh Adam
+
+
+def test_a_run_ending_off_the_evaluation_grid_evaluates_its_last_step():
+    # FinalEvaluation: max_steps 5 with an evaluation every 2 steps evaluates at 2, 4 and, once more, at 5; on the
+    # grid (max_steps 4) the last evaluation is the regular one, not a second.
+    from trqam_lit.callbacks import FinalEvaluation
+
+    for max_steps, expected in ((5, [2, 4, 5]), (4, [2, 4])):
+        model, dm = toy(BC)
+        steps = []
+
+        class Evaluations(pl.Callback):
+            def on_validation_end(self, trainer, pl_module) -> None:
+                steps.append(trainer.global_step)
+
+        trainer = pl.Trainer(
+            max_steps=max_steps, val_check_interval=2, check_val_every_n_epoch=None, num_sanity_val_steps=0,
+            logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+            accelerator="cpu", devices=1, callbacks=[FinalEvaluation(), Evaluations()],
+        )  # fmt: skip
+        trainer.fit(model, datamodule=dm)
+        assert steps == expected, (max_steps, steps)
