@@ -257,18 +257,20 @@ def test_a_run_ending_off_the_evaluation_grid_evaluates_its_last_step():
     # grid (max_steps 4) the last evaluation is the regular one, not a second.
     from trqam_lit.callbacks import FinalEvaluation
 
+    class Evaluations(pl.Callback):
+        def __init__(self, steps: list[int]) -> None:
+            self.steps = steps
+
+        def on_validation_end(self, trainer, pl_module) -> None:
+            self.steps.append(trainer.global_step)
+
     for max_steps, expected in ((5, [2, 4, 5]), (4, [2, 4])):
         model, dm = toy(BC)
-        steps = []
-
-        class Evaluations(pl.Callback):
-            def on_validation_end(self, trainer, pl_module) -> None:
-                steps.append(trainer.global_step)
-
+        steps: list[int] = []
         trainer = pl.Trainer(
             max_steps=max_steps, val_check_interval=2, check_val_every_n_epoch=None, num_sanity_val_steps=0,
             logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-            accelerator="cpu", devices=1, callbacks=[FinalEvaluation(), Evaluations()],
+            accelerator="cpu", devices=1, callbacks=[FinalEvaluation(), Evaluations(steps)],
         )  # fmt: skip
         trainer.fit(model, datamodule=dm)
         assert steps == expected, (max_steps, steps)
