@@ -76,13 +76,9 @@ class FlowSDE(nn.Module):
     def index(self, t: Tensor | float) -> int:
         return int(round(float(t) * self.num_steps))
 
-    def drift_at(self, i: int, y: Tensor) -> Tensor:
-        """Fine-tuned drift at grid step i (no host sync: the fused loop calls this directly)."""
-        ti = self.grid[i]
-        return memoryless_drift(self.v_ft(self.s, y, ti), y, ti + self.dt)
-
     def f(self, t: Tensor | float, y: Tensor) -> Tensor:
-        return self.drift_at(self.index(t), y)
+        ti = self.grid[self.index(t)]
+        return memoryless_drift(self.v_ft(self.s, y, ti), y, ti + self.dt)
 
     def h(self, t: Tensor | float, y: Tensor) -> Tensor:
         ti = self.grid[self.index(t)]
@@ -90,6 +86,12 @@ class FlowSDE(nn.Module):
 
     def g(self, t: Tensor | float, y: Tensor) -> Tensor:
         return self.g_grid[self.index(t)].expand_as(y)
+
+    def euler_maruyama_step(self, i: int, x: Tensor, v: Tensor, eps_i: Tensor) -> Tensor:
+        """x_{i+1} from x_i, v_ft's value ``v`` there and the standard-normal draw ``eps_i`` (the fused loops; no host
+        sync), in the operation order of torchsde's Euler step: y + f dt + g * dW with dW = sqrt(h) eps."""
+        ti = self.grid[i]
+        return x + memoryless_drift(v, x, ti + self.dt) * self.dt + self.g_grid[i] * (math.sqrt(self.dt) * eps_i)
 
     def base_ode_step(self, x: Tensor) -> Tensor:
         """The last forward step: x_K = x_{K-1} + h v_base(s, x_{K-1}, t_{K-1}), noiseless."""
@@ -155,14 +157,12 @@ def rollout_fused(sde: FlowSDE, x0: Tensor, eps: Tensor) -> Tensor:
 
     ``eps`` (K-1 or K, B, A) are the standard-normal draws of the K-1 stochastic steps (a K-th is ignored).
     """
-    K, h = sde.num_steps, sde.dt
+    K = sde.num_steps
     eps = _check_noise(x0, eps, K)
-    sqrt_h = math.sqrt(h)
     xs = [x0.float()]
     x = xs[0]
     for i in range(K - 1):
-        # same operation order as torchsde's Euler step: y + f dt + g * dW with dW = sqrt(h) eps
-        x = x + sde.drift_at(i, x) * h + sde.g_grid[i] * (sqrt_h * eps[i])
+        x = sde.euler_maruyama_step(i, x, sde.v_ft(sde.s, x, sde.grid[i]), eps[i])
         xs.append(x)
     xs.append(sde.base_ode_step(x))
     return torch.stack(xs)
@@ -177,15 +177,13 @@ def rollout_fused_with_ode(sde: FlowSDE, x0: Tensor, eps: Tensor, s_ode: Tensor,
     """
     K, h = sde.num_steps, sde.dt
     eps = _check_noise(x0, eps, K)
-    sqrt_h = math.sqrt(h)
     rows = x0.shape[0]
     s_both = torch.cat([sde.s.to(s_ode.dtype), s_ode])
     xs = [x0.float()]
     x, y = xs[0], y0
     for i in range(K - 1):
-        ti = sde.grid[i]
-        v = sde.v_ft(s_both, torch.cat([x, y.to(x.dtype)]), ti)
-        x = x + memoryless_drift(v[:rows], x, ti + h) * h + sde.g_grid[i] * (sqrt_h * eps[i])
+        v = sde.v_ft(s_both, torch.cat([x, y.to(x.dtype)]), sde.grid[i])
+        x = sde.euler_maruyama_step(i, x, v[:rows], eps[i])
         y = y + h * v[rows:]
         xs.append(x)
     xs.append(sde.base_ode_step(x))
