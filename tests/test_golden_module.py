@@ -114,6 +114,17 @@ class AdamState(pl.Callback):
                 }
 
 
+def one_trainer_step(model, maps, batch, arrays, count: int, precision: str = "32-true") -> pl.Trainer:
+    """One Trainer step on the recorded batch, from the recorded Adam state."""
+    trainer = pl.Trainer(
+        max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, accelerator="cpu", devices=1, precision=precision,
+        callbacks=[AdamState(maps, arrays, count)],
+    )  # fmt: skip
+    trainer.fit(model, train_dataloaders=DataLoader([batch], batch_size=None))
+    return trainer
+
+
 def capture_calls(net: torch.nn.Module) -> list:
     """(inputs..., output) of every forward call of ``net`` during the step."""
     calls = []
@@ -136,11 +147,7 @@ def test_one_trainer_step_reproduces_the_recorded_update(agent, compiled):
     if not compiled:
         bc_calls, critic_calls = capture_calls(model.v_bc), capture_calls(model.critic)
         target_calls = capture_calls(model.target_critic)
-    trainer = pl.Trainer(
-        max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, accelerator="cpu", devices=1, callbacks=[AdamState(maps, a, count)],
-    )  # fmt: skip
-    trainer.fit(model, train_dataloaders=DataLoader([batch], batch_size=None))
+    trainer = one_trainer_step(model, maps, batch, a, count)
 
     if compiled:  # the step ran through the compiled graph, not a silent eager fallback
         assert type(model) in adjoint_matching._COMPILED
@@ -211,12 +218,7 @@ def test_one_trainer_step_reproduces_the_recorded_update(agent, compiled):
 def one_step_losses(agent: str, precision: str, **fast) -> dict[str, float]:
     """The recorded step's BC, critic and AM losses and path KL through one Trainer step at ``precision``."""
     model, maps, batch, a, meta = recorded_agent(agent, **fast)
-    trainer = pl.Trainer(
-        max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, accelerator="cpu", devices=1, precision=precision,
-        callbacks=[AdamState(maps, a, int(meta["state_set_by_harness"]["adam_count"]))],
-    )  # fmt: skip
-    trainer.fit(model, train_dataloaders=DataLoader([batch], batch_size=None))
+    one_trainer_step(model, maps, batch, a, int(meta["state_set_by_harness"]["adam_count"]), precision)
     if fast:
         assert type(model) in adjoint_matching._COMPILED
     am = model.am_out
