@@ -173,3 +173,35 @@ def test_a_terminated_runner_stops_its_trainings_and_starts_no_more(tmp_path):
     assert not processes_mentioning("trqam_lit.cli fit", tmp_path)  # no orphan left training
     assert not (run / "done.json").exists()
     assert not (tmp_path / "runs" / "tiny" / "trqam" / "default" / "seed1").exists()  # the queued runs never started
+
+
+def test_the_report_takes_final_values_from_finished_runs_only(tmp_path, monkeypatch):
+    # A report made while the grid still runs: an unfinished run's last evaluation (here at step 10 of 40) is not a
+    # final value. Its curve points count (the CSV's seed count says how many runs reached a step); the table leaves
+    # it out and names it.
+    from torch.utils.tensorboard import SummaryWriter
+
+    from trqam_lit.report import report
+
+    monkeypatch.chdir(tmp_path)
+    grid = Grid.load(write_grid(tmp_path))
+    by_name = {r.name: r for r in grid.runs}
+    logged = {"trqam/default/seed0": ({10: 0.0, 39: 0.6}, True), "trqam/default/seed1": ({10: 0.2, 39: 0.8}, True),
+              "qam/default/seed0": ({10: 0.5, 39: 0.3}, True), "qam/default/seed1": ({10: 0.9}, False)}  # fmt: skip
+    for name, (values, finished) in logged.items():
+        run_dir = by_name[name].run_dir
+        run_dir.mkdir(parents=True)
+        with SummaryWriter(str(run_dir)) as writer:
+            for step, value in values.items():
+                writer.add_scalar("eval/success", value, step)
+        if finished:
+            (run_dir / "done.json").write_text("{}\n")
+    report(grid, tmp_path / "report")
+    table = (tmp_path / "report" / "table.md").read_text()
+    assert "| trqam | 70.0 ± 14.1 (2) |" in table
+    assert "| qam | 30.0 ± 0.0 (1) |" in table  # not (30 + 90) / 2 from the unfinished seed's step-10 value
+    assert "Not finished (left out of the final values): qam/default/seed1 (last step 10)" in table
+    with open(tmp_path / "report" / "scalars.csv") as f:
+        rows = {(r["agent"], int(r["step"])): r for r in csv.DictReader(f)}
+    assert int(rows[("qam", 10)]["seeds"]) == 2 and float(rows[("qam", 10)]["mean"]) == pytest.approx(0.7)
+    assert int(rows[("qam", 39)]["seeds"]) == 1

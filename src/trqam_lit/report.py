@@ -70,14 +70,21 @@ def final_value(tag: str, series: Series) -> float:
 
 
 def aggregate(grid: Grid) -> tuple[list[dict], dict, dict]:
-    """(rows step by step, final values per (agent, task, tag), eps_kl per (agent, task)) over the finished seeds."""
+    """(rows step by step, final values per (agent, task, tag), eps_kl per (agent, task)).
+
+    The rows count every run that logged a step (a report made while the grid runs shows how far each got); the final
+    values come from finished runs only: an unfinished run's last evaluation is not its final one.
+    """
     per: dict[tuple[str, str, str], list[Series]] = defaultdict(list)
+    final: dict[tuple[str, str, str], list[Series]] = defaultdict(list)
     budgets: dict[tuple[str, str], float] = {}
     for run in grid.runs:
         if not run.run_dir.is_dir():
             continue
         for tag, series in read_run(run.run_dir).items():
             per[(run.agent, run.task, tag)].append(series)
+            if run.finished:
+                final[(run.agent, run.task, tag)].append(series)
         if (eps := budget_of(run)) is not None:
             budgets[(run.agent, run.task)] = eps
     rows, finals = [], {}
@@ -87,7 +94,7 @@ def aggregate(grid: Grid) -> tuple[list[dict], dict, dict]:
             mean, std = mean_std(values)
             rows.append({"agent": agent, "task": task, "tag": tag, "step": step, "mean": mean, "std": std,
                          "seeds": len(values)})  # fmt: skip
-        finals[(agent, task, tag)] = [final_value(tag, series) for series in seeds if series]
+        finals[(agent, task, tag)] = [final_value(tag, series) for series in final[(agent, task, tag)] if series]
     return rows, finals, budgets
 
 
@@ -120,7 +127,16 @@ def markdown_table(grid: Grid, finals: dict) -> str:
                 cells.append(f"{mean:{fmt}} ± {std:{fmt}} ({len(values)})")
             lines.append(f"| {agent} | " + " | ".join(cells) + " |")
         lines.append("")
+    unfinished = [r for r in grid.runs if r.run_dir.is_dir() and not r.finished]
+    unfinished = [f"{r.name} (last step {_last_step(r.run_dir)})" for r in unfinished]
+    if unfinished:
+        lines += ["Not finished (left out of the final values): " + ", ".join(unfinished), ""]
     return "\n".join(lines)
+
+
+def _last_step(run_dir: Path) -> int | str:
+    steps = [step for series in read_run(run_dir).values() for step in series]
+    return max(steps) if steps else "none logged"
 
 
 def _pyplot():
