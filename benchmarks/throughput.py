@@ -156,33 +156,59 @@ def measure_eval(env_name: str, num_envs: int, episodes: int, horizon: int, widt
         return sample_actions(net, obs, torch.randn(obs.shape[0], dm.chunk_dim), 10)
 
     env = make_ogbench_env(env_name)  # the physics limit: one environment, no policy at all
-    env.reset(seed=0)
-    noop, steps, t0 = np.zeros(dm.action_dim, dtype=np.float32), 0, time.perf_counter()
-    while time.perf_counter() - t0 < 5.0:
-        _, _, terminated, truncated, _ = env.step(noop)
-        steps += 1
-        if terminated or truncated:
-            env.reset(seed=steps)
-    one_env = steps / (time.perf_counter() - t0)
+    rng = np.random.default_rng(0)
+    low, high = env.action_space.low.astype(np.float32), env.action_space.high.astype(np.float32)
+
+    def one_env_rate(action) -> float:
+        env.reset(seed=0)
+        steps, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < 5.0:
+            _, _, terminated, truncated, _ = env.step(action())
+            steps += 1
+            if terminated or truncated:
+                env.reset(seed=steps)
+        return steps / (time.perf_counter() - t0)
+
+    noop = np.zeros(dm.action_dim, dtype=np.float32)
+    one_env = one_env_rate(lambda: noop)
+    moving = one_env_rate(lambda: rng.uniform(low, high).astype(np.float32))  # the arm moves: more contacts to solve
     cores = len(os.sched_getaffinity(0))
     result = {"env": env_name, "episodes": episodes, "horizon": horizon, "policy_width": width, "cores": cores}
     result["one_env_noop_steps_per_sec"] = round(one_env, 1)
+    result["one_env_random_actions_steps_per_sec"] = round(moving, 1)
     result["physics_limit_steps_per_sec"] = round(cores * one_env, 1)
-    runs = [(f"{num_envs}env", num_envs, 0), ("1env", 1, 0), (f"{num_envs}env_{workers}workers", num_envs, workers)]
-    for name, n, w in runs:
+
+    def free(obs):  # a policy that costs nothing: uniform random chunks (the work left is physics and transport)
+        return torch.as_tensor(rng.uniform(-1, 1, (obs.shape[0], dm.chunk_dim)).astype(np.float32))
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the evaluator runs the policy beside its workers
+    obs = torch.randn(num_envs, dm.obs_dim)
+    for _ in range(5):
+        act(obs)
+    t0 = time.perf_counter()
+    for _ in range(20):
+        act(obs)
+    result["policy_ms_per_call"] = round((time.perf_counter() - t0) / 20 * 1e3, 2)
+    torch.set_num_threads(threads)
+    workers_name = f"{num_envs}env_{workers}workers"
+    runs = [(f"{num_envs}env", num_envs, 0, act), ("1env", 1, 0, act), (workers_name, num_envs, workers, act),
+            (f"{workers_name}_no_policy", num_envs, workers, free)]  # fmt: skip
+    for name, n, w, fn in runs:
         ev = OGBenchEvaluator(env_name, horizon, dm.action_dim, num_episodes=episodes, num_envs=n, workers=w)
         ev.envs(n)  # environment construction (and worker start) is not stepping time
         t0 = time.perf_counter()
-        out = ev.evaluate(act)
+        out = ev.evaluate(fn)
         dt = time.perf_counter() - t0
         ev.close()
         result[f"env_steps_per_sec_{name}"] = round(float(out["length"].sum()) / dt, 1)
     result["batched_over_single"] = round(
         result[f"env_steps_per_sec_{num_envs}env"] / result["env_steps_per_sec_1env"], 2
     )
-    result["workers_over_physics_limit"] = round(
-        result[f"env_steps_per_sec_{num_envs}env_{workers}workers"] / result["physics_limit_steps_per_sec"], 2
-    )
+    limit = result["physics_limit_steps_per_sec"]
+    result["workers_over_physics_limit"] = round(result[f"env_steps_per_sec_{workers_name}"] / limit, 2)
+    no_policy = result[f"env_steps_per_sec_{workers_name}_no_policy"]
+    result["no_policy_workers_over_physics_limit"] = round(no_policy / limit, 2)
     return result
 
 
