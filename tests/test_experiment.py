@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shlex
 import signal
 import statistics
 import subprocess
@@ -205,3 +206,41 @@ def test_the_report_takes_final_values_from_finished_runs_only(tmp_path, monkeyp
         rows = {(r["agent"], int(r["step"])): r for r in csv.DictReader(f)}
     assert int(rows[("qam", 10)]["seeds"]) == 2 and float(rows[("qam", 10)]["mean"]) == pytest.approx(0.7)
     assert int(rows[("qam", 39)]["seeds"]) == 1
+
+
+def test_a_finished_run_whose_config_or_overrides_changed_is_named_when_skipped(tmp_path, monkeypatch):
+    # A finished run is skipped, not rerun; if the grid would now make a different run (its config file edited, or
+    # its overrides), the runner says so instead of silently keeping the old result.
+    import io
+    import json
+
+    from trqam_lit.experiment import run_grid
+
+    monkeypatch.chdir(tmp_path)
+    grid = Grid.load(write_grid(tmp_path))
+    run = grid.runs[0]
+    run.run_dir.mkdir(parents=True)
+    (run.run_dir / "done.json").write_text(json.dumps({"run": run.name, **run.recipe()}))
+    assert run.changed_since_finished() is None and grid.runs[1].changed_since_finished() is None
+
+    out = io.StringIO()
+    assert run_grid(grid, only=[run.name], out=out) == 0
+    assert "warning" not in out.getvalue() and "1 runs, 1 already finished, 0 to run" in out.getvalue()
+
+    (tmp_path / "trqam.yaml").write_text((tmp_path / "trqam.yaml").read_text().replace("eps_kl: 0.05", "eps_kl: 0.1"))
+    assert run.changed_since_finished() == "trqam.yaml changed since it finished"
+    out = io.StringIO()
+    assert run_grid(grid, only=[run.name], out=out) == 0
+    assert f"warning: {run.name} is finished and skipped, but trqam.yaml changed" in out.getvalue()
+
+    # A record from before the recipe was kept (the command line only); a resumed run's --ckpt_path does not count.
+    cmd = [sys.executable, "-m", "trqam_lit.cli", *run.fit_args(), "--ckpt_path", "x/last.ckpt"]
+    (run.run_dir / "done.json").write_text(json.dumps({"run": run.name, "command": shlex.join(cmd)}))
+    assert run.changed_since_finished() is None
+    moved = Grid.load(write_grid(tmp_path)).runs[0]
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(
+        grid_file.read_text().replace("seeds: [0, 1]", "overrides: [--trainer.max_steps=80]\nseeds: [0, 1]")
+    )
+    moved = Grid.load(grid_file).runs[0]
+    assert moved.changed_since_finished().startswith("its overrides changed")

@@ -25,6 +25,7 @@ Each run is a real ``trqam-lit fit`` in its own process, with its TensorBoard ev
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shlex
@@ -68,7 +69,33 @@ class Run:
     def finished(self) -> bool:
         return (self.run_dir / DONE).is_file()
 
-    def fit_args(self) -> list[str]:
+    def recipe(self) -> dict:
+        """What makes this run what it is: its ``fit`` arguments (without a resume checkpoint) and its config's hash."""
+        return {"fit_args": self.fit_args(resume=False), "config_sha256": _sha256(Path(self.config))}
+
+    def changed_since_finished(self) -> str | None:
+        """Why this finished run would not be the same run if started now (None: the same, or not finished)."""
+        if not self.finished:
+            return None
+        try:
+            record = json.loads((self.run_dir / DONE).read_text())
+        except (OSError, ValueError):
+            return f"its {DONE} is unreadable"
+        now = self.recipe()
+        if "config_sha256" in record and record["config_sha256"] != now["config_sha256"]:
+            return f"{self.config} changed since it finished"
+        args = record.get("fit_args")
+        if args is None and "command" in record:  # records written before the recipe was kept: the command line
+            words = shlex.split(record["command"])
+            args = words[words.index("fit") :] if "fit" in words else None
+            if args and "--ckpt_path" in args:
+                i = args.index("--ckpt_path")
+                del args[i : i + 2]
+        if args is not None and args != now["fit_args"]:
+            return "its overrides changed since it finished (the grid file or its task/agent entries)"
+        return None
+
+    def fit_args(self, resume: bool = True) -> list[str]:
         """``trqam-lit fit`` arguments: the config, the grid's overrides, then where everything of this run goes."""
         args = ["fit", "--config", self.config, *self.overrides, f"--seed_everything={self.seed}"]
         args += [
@@ -79,9 +106,13 @@ class Run:
             "--trainer.logger.init_args.default_hp_metric=false",
             f"--checkpoint.dirpath={self.run_dir / 'checkpoints'}",
         ]
-        if self.last_checkpoint.is_file():
+        if resume and self.last_checkpoint.is_file():
             args += ["--ckpt_path", str(self.last_checkpoint)]
         return args
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @dataclass
@@ -155,6 +186,7 @@ def execute(run: Run, threads: int) -> tuple[Run, int, float]:
         code = STOPPED  # Lightning ends a SIGTERMed fit with exit 0: not finished
     if code == 0:
         record = {"run": run.name, "seconds": round(seconds, 1), "command": shlex.join(cmd), "threads": threads}
+        record.update(run.recipe())
         (run.run_dir / DONE).write_text(json.dumps(record, indent=1) + "\n")
     return run, code, seconds
 
@@ -199,6 +231,10 @@ def run_grid(grid: Grid, jobs: int = 1, only: Sequence[str] = (), out=None) -> i
     threads = threads_per_job(jobs)
     print(f"trqam-lit-exp: {grid.name}: {total} runs, {done} already finished, {len(todo)} to run "
           f"({jobs} at a time, {threads} thread{'s' if threads > 1 else ''} each)", file=out, flush=True)  # fmt: skip
+    changed = [(r, why) for r in runs if (why := r.changed_since_finished())]
+    for r, why in changed:
+        print(f"trqam-lit-exp: warning: {r.name} is finished and skipped, but {why}; delete {r.run_dir} to rerun it",
+              file=out, flush=True)  # fmt: skip
     failed, seconds = [], []
     _stopping.clear()
     main_thread = threading.current_thread() is threading.main_thread()
