@@ -244,3 +244,27 @@ def test_a_finished_run_whose_config_or_overrides_changed_is_named_when_skipped(
     )
     moved = Grid.load(grid_file).runs[0]
     assert moved.changed_since_finished().startswith("its overrides changed")
+
+
+def test_threads_per_run_can_be_set_for_runners_side_by_side(tmp_path, monkeypatch):
+    import io
+
+    from trqam_lit import experiment
+
+    monkeypatch.chdir(tmp_path)
+    grid = Grid.load(write_grid(tmp_path))
+    seen = []
+
+    def execute(run, threads):
+        seen.append((run.name, threads))
+        return run, 0, 1.0
+
+    monkeypatch.setattr(experiment, "execute", execute)
+    out = io.StringIO()
+    assert experiment.run_grid(grid, jobs=1, only=["qam/default/seed1"], out=out, threads=3) == 0
+    assert seen == [("qam/default/seed1", 3)] and "(1 at a time, 3 threads each)" in out.getvalue()
+    seen.clear()
+    assert experiment.run_grid(grid, jobs=2, only=["qam/default/seed0"], out=io.StringIO()) == 0
+    assert seen == [("qam/default/seed0", experiment.threads_per_job(2))]
+    with pytest.raises(ValueError, match="--threads must be >= 1"):
+        experiment.run_grid(grid, threads=0, out=io.StringIO())

@@ -219,8 +219,9 @@ def _eta(done: int, total: int, seconds: list[float], jobs: int) -> str:
     return f", ETA {int(left // 60)} min {int(left % 60)} s"
 
 
-def run_grid(grid: Grid, jobs: int = 1, only: Sequence[str] = (), out=None) -> int:
-    """Run every unfinished run of the grid, ``jobs`` at a time; returns the number of failed runs."""
+def run_grid(grid: Grid, jobs: int = 1, only: Sequence[str] = (), out=None, threads: int | None = None) -> int:
+    """Run every unfinished run of the grid, ``jobs`` at a time with ``threads`` threads each (default: cores //
+    jobs); returns the number of failed runs."""
     out = out or sys.stdout
     runs = [r for r in grid.runs if not only or r.name in only]
     missing = set(only) - {r.name for r in grid.runs}
@@ -228,7 +229,9 @@ def run_grid(grid: Grid, jobs: int = 1, only: Sequence[str] = (), out=None) -> i
         raise ValueError(f"no run named {sorted(missing)} in grid '{grid.name}' (names: agent/task/seed<k>)")
     todo = [r for r in runs if not r.finished]
     total, done = len(runs), len(runs) - len(todo)
-    threads = threads_per_job(jobs)
+    if threads is not None and threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {threads}")
+    threads = threads or threads_per_job(jobs)
     print(f"trqam-lit-exp: {grid.name}: {total} runs, {done} already finished, {len(todo)} to run "
           f"({jobs} at a time, {threads} thread{'s' if threads > 1 else ''} each)", file=out, flush=True)  # fmt: skip
     changed = [(r, why) for r in runs if (why := r.changed_since_finished())]
@@ -282,6 +285,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     run.add_argument("grid", help="grid YAML file")
     run.add_argument("--jobs", type=int, default=1, help="runs in parallel (threads per run = cores // jobs)")
     run.add_argument("--only", nargs="*", default=(), help="run only these runs (agent/task/seed<k>)")
+    threads_help = "threads per run (default: cores // jobs; 1 for two runners side by side on 2 cores)"
+    run.add_argument("--threads", type=int, default=None, help=threads_help)
     run.add_argument("--print-commands", action="store_true", help="print one command per run and exit")
     rep = sub.add_parser("report", help="the grid's scalars over seeds: a CSV, a markdown table and PNG plots")
     rep.add_argument("grid", help="grid YAML file")
@@ -304,7 +309,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print_commands(grid, args.grid)
         return
     try:
-        failed = run_grid(grid, args.jobs, args.only)
+        failed = run_grid(grid, args.jobs, args.only, threads=args.threads)
     except ValueError as err:
         parser.exit(2, f"trqam-lit-exp: error: {err}\n")
     except KeyboardInterrupt:
