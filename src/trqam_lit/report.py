@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import math
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 
 import yaml
@@ -148,39 +149,52 @@ def _pyplot():
     return plt
 
 
+def _seeds(n: int) -> str:
+    return f"{n} seed{'s' if n != 1 else ''}"
+
+
+def _figure(lines: int):
+    """A figure for ``lines`` curves: more than 4 get a wider figure with the legend beside the axes."""
+    return _pyplot().subplots(figsize=(6, 3.6) if lines <= 4 else (8.5, 3.9), dpi=100)
+
+
 def _save(fig, ax, title: str, xlabel: str, ylabel: str, path: Path) -> Path:
     """Labels, grid and legend, then the PNG; closes the figure."""
     ax.set_title(title, fontsize=10)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if len(ax.get_legend_handles_labels()[0]) > 4:  # beside the axes: over them it would hide the curves
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    else:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     _pyplot().close(fig)
     return path
 
 
-def plot(rows: list[dict], budgets: dict, out_dir: Path, grid_name: str) -> list[Path]:
-    """One PNG per (task, plotted tag): one line per agent, a shaded band of +- one std over seeds."""
-    plt = _pyplot()
+def plot(rows: list[dict], budgets: dict, out_dir: Path, grid_name: str, order: Sequence[str] = ()) -> list[Path]:
+    """One PNG per (task, plotted tag): one line per agent (in ``order``, the grid's), a shaded band of +- one std."""
     by: dict[tuple[str, str], dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for row in rows:
         if row["tag"] in PLOTS:
             by[(row["task"], row["tag"])][row["agent"]].append(row)
+    rank = {agent: i for i, agent in enumerate(order)}
     written = []
     for (task, tag), agents in sorted(by.items()):
         title, ylabel, scale = PLOTS[tag]
-        fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
-        for agent, points in agents.items():
+        fig, ax = _figure(len(agents))
+        band = 0.2 if len(agents) <= 4 else 0.1  # many overlapping bands: lighter, so the lines stay visible
+        for agent, points in sorted(agents.items(), key=lambda item: (rank.get(item[0], len(rank)), item[0])):
             steps = [p["step"] for p in points]
             mean = [p["mean"] * scale for p in points]
             std = [p["std"] * scale for p in points]
             seeds = max(p["seeds"] for p in points)
-            (line,) = ax.plot(steps, mean, label=f"{agent} ({seeds} seeds)", marker="o" if len(steps) < 30 else None)
+            (line,) = ax.plot(steps, mean, label=f"{agent} ({_seeds(seeds)})", marker="o" if len(steps) < 30 else None)
             low = [m - s for m, s in zip(mean, std, strict=True)]
             high = [m + s for m, s in zip(mean, std, strict=True)]
-            ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.2)
+            ax.fill_between(steps, low, high, color=line.get_color(), alpha=band)
             if tag == "dual/kl_ema" and (eps := budgets.get((agent, task))) is not None:
                 ax.axhline(eps, color=line.get_color(), linestyle="--", linewidth=1, label=f"{agent} budget eps_KL")
         path = out_dir / f"{task}_{tag.replace('/', '_')}.png"
@@ -202,7 +216,6 @@ def _task_values(grid: Grid) -> dict[str, float] | None:
 
 def plot_sweep(grid: Grid, finals: dict, budgets: dict, out_dir: Path) -> list[Path]:
     """For a grid whose tasks are numbers: the final value of each quantity against the task's number."""
-    plt = _pyplot()
     xs = _task_values(grid)
     if xs is None:
         return []
@@ -213,7 +226,7 @@ def plot_sweep(grid: Grid, finals: dict, budgets: dict, out_dir: Path) -> list[P
     }
     written = []
     for tag in SWEEP_TAGS:
-        fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
+        fig, ax = _figure(len({r.agent for r in grid.runs}))
         plotted = False
         for agent in dict.fromkeys(r.agent for r in grid.runs):
             points = [(xs[t], mean_std(v)) for (a, t, g), v in finals.items() if a == agent and g == tag and v]
@@ -222,14 +235,14 @@ def plot_sweep(grid: Grid, finals: dict, budgets: dict, out_dir: Path) -> list[P
             points.sort()
             seeds = max(len(v) for (a, _, g), v in finals.items() if a == agent and g == tag)
             bar = ax.errorbar([p[0] for p in points], [p[1][0] for p in points], yerr=[p[1][1] for p in points],
-                              marker="o", capsize=3, label=f"{agent} ({seeds} seeds)")  # fmt: skip
+                              marker="o", capsize=3, label=f"{agent} ({_seeds(seeds)})")  # fmt: skip
             eps = {budgets.get((agent, t)) for t in xs} - {None}
             if tag == "dual/kl" and len(eps) == 1:
                 ax.axhline(eps.pop(), color=bar.lines[0].get_color(), linestyle="--", linewidth=1,
                            label=f"{agent} budget eps_KL")  # fmt: skip
             plotted = True
         if not plotted:
-            plt.close(fig)
+            _pyplot().close(fig)
             continue
         title, ylabel = f"{grid.name}: {labels[tag][0]}", labels[tag][1]
         path = out_dir / f"sweep_{tag.replace('/', '_')}.png"
@@ -245,5 +258,6 @@ def report(grid: Grid, out_dir: Path) -> dict[str, Path | list[Path]]:
         raise ValueError(f"no TensorBoard scalars found under the runs of grid '{grid.name}' (run it first)")
     write_csv(rows, out_dir / "scalars.csv")
     (out_dir / "table.md").write_text(markdown_table(grid, finals))
-    plots = plot(rows, budgets, out_dir, grid.name) + plot_sweep(grid, finals, budgets, out_dir)
+    order = list(dict.fromkeys(r.agent for r in grid.runs))
+    plots = plot(rows, budgets, out_dir, grid.name, order) + plot_sweep(grid, finals, budgets, out_dir)
     return {"csv": out_dir / "scalars.csv", "table": out_dir / "table.md", "plots": plots}
