@@ -59,9 +59,14 @@ def test_grid_names_its_runs_and_prints_one_resumable_command_each(tmp_path, cap
     assert "--seed_everything=1" in grid.runs[3].fit_args()
     print_commands(grid, "grid.yaml")
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == "OMP_NUM_THREADS=1 trqam-lit-exp run grid.yaml --only trqam/default/seed0"
+    # --threads 1: the runner sets each training's OMP_NUM_THREADS itself, so an OMP_NUM_THREADS prefix would be lost
+    assert lines[0] == "trqam-lit-exp run grid.yaml --only trqam/default/seed0 --threads 1"
     assert len(lines) == 4
     assert threads_per_job(2, cores=2) == 1 and threads_per_job(1, cores=2) == 2 and threads_per_job(4, cores=2) == 1
+    # the cores are the ones this process may use (a SLURM cpuset, taskset), not the machine's
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3}, raising=False)
+    assert threads_per_job(1) == 1
 
 
 def test_a_bad_grid_is_refused_with_a_message(tmp_path):

@@ -152,7 +152,15 @@ class Grid:
 
 def threads_per_job(jobs: int, cores: int | None = None) -> int:
     """Threads per process so that jobs x threads <= cores (oversubscribed OpenMP collapses, docs/performance.md)."""
-    return max(1, (cores or os.cpu_count() or 1) // max(1, jobs))
+    return max(1, (cores or usable_cores()) // max(1, jobs))
+
+
+def usable_cores() -> int:
+    """The CPUs this process may run on (a scheduler's cpuset or `taskset`), not every CPU of the machine."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # no affinity on this platform (macOS)
+        return os.cpu_count() or 1
 
 
 # The trainings running now: a runner that is stopped (Ctrl-C, SIGTERM from `kill` or a scheduler) stops them too,
@@ -274,7 +282,7 @@ def print_commands(grid: Grid, grid_path: str, out=None) -> None:
     """One resumable shell command per run, for a scheduler (each line runs `trqam-lit-exp run --only <run>`)."""
     out = out or sys.stdout
     for run in grid.runs:
-        print(f"OMP_NUM_THREADS=1 trqam-lit-exp run {shlex.quote(grid_path)} --only {shlex.quote(run.name)}", file=out)
+        print(f"trqam-lit-exp run {shlex.quote(grid_path)} --only {shlex.quote(run.name)} --threads 1", file=out)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
