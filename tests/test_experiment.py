@@ -273,3 +273,29 @@ def test_threads_per_run_can_be_set_for_runners_side_by_side(tmp_path, monkeypat
     assert seen == [("qam/default/seed0", experiment.threads_per_job(2))]
     with pytest.raises(ValueError, match="--threads must be >= 1"):
         experiment.run_grid(grid, threads=0, out=io.StringIO())
+
+
+def test_a_run_that_another_runner_holds_is_left_alone(tmp_path, monkeypatch):
+    # Two runners over the same grid (two lanes, or a scheduler task requeued while the first still trains): the
+    # run's lock is held by the first, so the second starts no training there and says why.
+    import fcntl
+    import io
+
+    from trqam_lit import experiment
+
+    monkeypatch.chdir(tmp_path)
+    grid = Grid.load(write_grid(tmp_path))
+    run = grid.runs[1]
+    run.run_dir.mkdir(parents=True)
+    started = []
+    monkeypatch.setattr(experiment, "_train", lambda run, threads, fd: (started.append(run.name), (run, 0, 1.0))[1])
+    with open(run.run_dir / "run.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        out = io.StringIO()
+        assert experiment.run_grid(grid, only=[run.name], out=out) == 0
+        assert started == [] and f"{run.name}: skipped: another runner is training it" in out.getvalue()
+        (run.run_dir / "done.json").write_text("{}")  # the other runner finishes it before releasing the lock
+    _, code, _ = experiment.execute(run, 1)
+    assert code == experiment.FINISHED_ELSEWHERE and started == []
+    (run.run_dir / "done.json").unlink()
+    assert experiment.execute(run, 1)[1] == 0 and started == [run.name]  # released: this runner trains it

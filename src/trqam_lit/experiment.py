@@ -25,6 +25,7 @@ Each run is a real ``trqam-lit fit`` in its own process, with its TensorBoard ev
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import os
@@ -43,7 +44,10 @@ import yaml
 
 DONE = "done.json"
 LOG = "train.log"
+LOCK = "run.lock"  # held (flock) while a runner trains the run: a second runner leaves it alone
 STOPPED = 130  # exit code of a runner that was interrupted (and of a run it did not start)
+BUSY = -1  # the run is being trained by another runner (another lane, a requeued scheduler task)
+FINISHED_ELSEWHERE = -2  # another runner finished it while this one waited for its turn
 
 
 @dataclass(frozen=True)
@@ -171,8 +175,22 @@ _stopping = threading.Event()
 
 
 def execute(run: Run, threads: int) -> tuple[Run, int, float]:
-    """One run to completion in its own process; returns (run, exit code, seconds). Output goes to its train.log."""
+    """One run to completion in its own process; returns (run, exit code, seconds). Output goes to its train.log.
+
+    The run's lock is held meanwhile; if another runner holds it, nothing starts and the code is ``BUSY``.
+    """
     run.run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run.run_dir / LOCK, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return run, BUSY, 0.0
+        if run.finished:  # finished by the runner that held the lock until now
+            return run, FINISHED_ELSEWHERE, 0.0
+        return _train(run, threads, lock.fileno())
+
+
+def _train(run: Run, threads: int, lock_fd: int) -> tuple[Run, int, float]:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     cmd = [sys.executable, "-m", "trqam_lit.cli", *run.fit_args()]
     t0 = time.perf_counter()
@@ -182,7 +200,8 @@ def execute(run: Run, threads: int) -> tuple[Run, int, float]:
                 return run, STOPPED, 0.0
             log.write(f"\n$ {shlex.join(cmd)}\n")
             log.flush()
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+            # the training inherits the lock: it stays held while the training lives, even if this runner is killed
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, pass_fds=(lock_fd,))
             _children.add(proc)
         try:
             code = proc.wait()
@@ -259,6 +278,10 @@ def run_grid(grid: Grid, jobs: int = 1, only: Sequence[str] = (), out=None, thre
             if code == 0:
                 seconds.append(secs)
                 status = f"finished in {secs:.0f} s"
+            elif code == BUSY:
+                status = f"skipped: another runner is training it ({run.run_dir / LOCK} is held)"
+            elif code == FINISHED_ELSEWHERE:
+                status = "finished by another runner"
             else:
                 failed.append(run)
                 status = f"FAILED (exit {code}); log: {run.run_dir / LOG}"
