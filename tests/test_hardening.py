@@ -274,3 +274,25 @@ def test_a_run_ending_off_the_evaluation_grid_evaluates_its_last_step():
         )  # fmt: skip
         trainer.fit(model, datamodule=dm)
         assert steps == expected, (max_steps, steps)
+
+
+def test_a_checkpoint_reaches_the_disk_before_it_replaces_the_last_one(tmp_path, monkeypatch):
+    # Atomic against a SIGKILL is the rename; against a power cut the new bytes must be on disk before the rename
+    # (and the directory entry after it), or last.ckpt can come back empty after a reboot.
+    import os
+
+    import torch
+
+    from trqam_lit.checkpoint import AtomicCheckpointIO
+
+    events = []
+    fsync, replace = os.fsync, os.replace
+    monkeypatch.setattr(
+        os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))), fsync(fd))[1]
+    )
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", str(a), str(b))), replace(a, b))[1])
+    target = tmp_path / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"w": torch.ones(3)}, target)
+    partial = str(tmp_path / "last.ckpt.partial")
+    assert events == [("fsync", partial), ("replace", partial, str(target)), ("fsync", str(tmp_path))]
+    assert torch.equal(torch.load(target)["w"], torch.ones(3)) and not os.path.exists(partial)
