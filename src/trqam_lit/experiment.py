@@ -125,6 +125,16 @@ class Grid:
     root: Path
     runs: list[Run] = field(default_factory=list)
 
+    @property
+    def agents(self) -> list[str]:
+        """The grid's agents, in the grid file's order."""
+        return list(dict.fromkeys(r.agent for r in self.runs))
+
+    @property
+    def tasks(self) -> list[str]:
+        """The grid's tasks, in the grid file's order."""
+        return list(dict.fromkeys(r.task for r in self.runs))
+
     @classmethod
     def load(cls, path: str | Path) -> Grid:
         path = Path(path)

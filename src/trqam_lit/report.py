@@ -70,8 +70,9 @@ def final_value(tag: str, series: Series) -> float:
     return sum(series[s] for s in window) / len(window)
 
 
-def aggregate(grid: Grid) -> tuple[list[dict], dict, dict]:
-    """(rows step by step, final values per (agent, task, tag), eps_kl per (agent, task)).
+def aggregate(grid: Grid) -> tuple[list[dict], dict, dict, dict]:
+    """(rows step by step, final values per (agent, task, tag), eps_kl per (agent, task), the last logged step of
+    each unfinished run by name).
 
     The rows count every run that logged a step (a report made while the grid runs shows how far each got); the final
     values come from finished runs only: an unfinished run's last evaluation is not its final one.
@@ -79,13 +80,17 @@ def aggregate(grid: Grid) -> tuple[list[dict], dict, dict]:
     per: dict[tuple[str, str, str], list[Series]] = defaultdict(list)
     final: dict[tuple[str, str, str], list[Series]] = defaultdict(list)
     budgets: dict[tuple[str, str], float] = {}
+    unfinished: dict[str, int | str] = {}
     for run in grid.runs:
         if not run.run_dir.is_dir():
             continue
-        for tag, series in read_run(run.run_dir).items():
+        scalars = read_run(run.run_dir)
+        for tag, series in scalars.items():
             per[(run.agent, run.task, tag)].append(series)
             if run.finished:
                 final[(run.agent, run.task, tag)].append(series)
+        if not run.finished:
+            unfinished[run.name] = max((step for series in scalars.values() for step in series), default="none logged")
         if (eps := budget_of(run)) is not None:
             budgets[(run.agent, run.task)] = eps
     rows, finals = [], {}
@@ -96,7 +101,7 @@ def aggregate(grid: Grid) -> tuple[list[dict], dict, dict]:
             rows.append({"agent": agent, "task": task, "tag": tag, "step": step, "mean": mean, "std": std,
                          "seeds": len(values)})  # fmt: skip
         finals[(agent, task, tag)] = [final_value(tag, series) for series in final[(agent, task, tag)] if series]
-    return rows, finals, budgets
+    return rows, finals, budgets, unfinished
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
@@ -107,10 +112,9 @@ def write_csv(rows: list[dict], path: Path) -> None:
             writer.writerow({**row, "mean": f"{row['mean']:.6g}", "std": f"{row['std']:.6g}"})
 
 
-def markdown_table(grid: Grid, finals: dict) -> str:
+def markdown_table(grid: Grid, finals: dict, unfinished: dict[str, int | str]) -> str:
     """Final evaluation per agent (rows) and task (columns): mean +- std over seeds (number of seeds)."""
-    agents = list(dict.fromkeys(r.agent for r in grid.runs))
-    tasks = list(dict.fromkeys(r.task for r in grid.runs))
+    agents, tasks = grid.agents, grid.tasks
     lines = []
     for tag in TABLE_TAGS:
         title, _, scale = PLOTS[tag]
@@ -128,16 +132,10 @@ def markdown_table(grid: Grid, finals: dict) -> str:
                 cells.append(f"{mean:{fmt}} ± {std:{fmt}} ({len(values)})")
             lines.append(f"| {agent} | " + " | ".join(cells) + " |")
         lines.append("")
-    unfinished = [r for r in grid.runs if r.run_dir.is_dir() and not r.finished]
-    unfinished = [f"{r.name} (last step {_last_step(r.run_dir)})" for r in unfinished]
     if unfinished:
-        lines += ["Not finished (left out of the final values): " + ", ".join(unfinished), ""]
+        left_out = ", ".join(f"{name} (last step {step})" for name, step in unfinished.items())
+        lines += ["Not finished (left out of the final values): " + left_out, ""]
     return "\n".join(lines)
-
-
-def _last_step(run_dir: Path) -> int | str:
-    steps = [step for series in read_run(run_dir).values() for step in series]
-    return max(steps) if steps else "none logged"
 
 
 def _pyplot():
@@ -226,9 +224,9 @@ def plot_sweep(grid: Grid, finals: dict, budgets: dict, out_dir: Path) -> list[P
     }
     written = []
     for tag in SWEEP_TAGS:
-        fig, ax = _figure(len({r.agent for r in grid.runs}))
+        fig, ax = _figure(len(grid.agents))
         plotted = False
-        for agent in dict.fromkeys(r.agent for r in grid.runs):
+        for agent in grid.agents:
             points = [(xs[t], mean_std(v)) for (a, t, g), v in finals.items() if a == agent and g == tag and v]
             if not points:
                 continue
@@ -253,11 +251,10 @@ def plot_sweep(grid: Grid, finals: dict, budgets: dict, out_dir: Path) -> list[P
 def report(grid: Grid, out_dir: Path) -> dict[str, Path | list[Path]]:
     """Writes ``scalars.csv``, ``table.md`` and the PNGs into ``out_dir``; returns their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows, finals, budgets = aggregate(grid)
+    rows, finals, budgets, unfinished = aggregate(grid)
     if not rows:
         raise ValueError(f"no TensorBoard scalars found under the runs of grid '{grid.name}' (run it first)")
     write_csv(rows, out_dir / "scalars.csv")
-    (out_dir / "table.md").write_text(markdown_table(grid, finals))
-    order = list(dict.fromkeys(r.agent for r in grid.runs))
-    plots = plot(rows, budgets, out_dir, grid.name, order) + plot_sweep(grid, finals, budgets, out_dir)
+    (out_dir / "table.md").write_text(markdown_table(grid, finals, unfinished))
+    plots = plot(rows, budgets, out_dir, grid.name, grid.agents) + plot_sweep(grid, finals, budgets, out_dir)
     return {"csv": out_dir / "scalars.csv", "table": out_dir / "table.md", "plots": plots}
