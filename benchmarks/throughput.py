@@ -46,12 +46,14 @@ def measure(
     precision: str,
     compiled: bool = False,
     repeats: int = 1,
+    matmul_precision: str = "ieee",
 ) -> dict:
     import lightning.pytorch as pl
     import torch
     from torch.utils.data import DataLoader, IterableDataset
 
     from trqam_lit.agents import BC, CGQL, DSRL, FQL, IFQL, QAM, QAME, QAMF, TRQAM
+    from trqam_lit.callbacks import MatmulPrecision
 
     batch, obs, act, horizon, width, critics, K = SETTINGS[setting]
 
@@ -114,7 +116,7 @@ def measure(
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[timer],
+        callbacks=[timer, MatmulPrecision(matmul_precision)],
     )
     trainer.fit(model, train_dataloaders=DataLoader(Synthetic(), batch_size=None))
     rates = [steps / (b - a) for a, b in zip(timer.marks[:-1], timer.marks[1:], strict=True)]
@@ -125,6 +127,7 @@ def measure(
         "device": device,
         "precision": precision,
         "compiled": compiled,
+        "matmul_precision": matmul_precision,
         "threads": torch.get_num_threads(),
         "steps_per_sec": round(statistics.median(rates), 3),
         "rates": [round(r, 3) for r in rates],
@@ -225,6 +228,13 @@ def main() -> None:
     parser.add_argument(
         "--compile", action="store_true", help="compile_step=True for the AM agents (with --solvers fused only)"
     )
+    parser.add_argument(
+        "--matmul-precision",
+        default="ieee",
+        choices=["ieee", "bf16", "tf32"],
+        help="internal precision of float32 matmuls (trqam_lit.callbacks.MatmulPrecision): bf16 on CPUs with native "
+        "bf16, tf32 on CUDA",
+    )
     parser.add_argument("--eval-env", default=None, help="also measure evaluation env steps/s on this env")
     parser.add_argument("--eval-envs", type=int, default=10)
     parser.add_argument("--eval-episodes", type=int, default=10)
@@ -236,8 +246,9 @@ def main() -> None:
     if args.one:
         setting, agent, solver = args.one.split(",")
         out = measure(
-            setting, agent, solver, args.steps, args.warmup, args.device, args.precision, args.compile, args.repeats
-        )
+            setting, agent, solver, args.steps, args.warmup, args.device, args.precision, args.compile, args.repeats,
+            args.matmul_precision,
+        )  # fmt: skip
         print(json.dumps(out))
         return
     for setting in args.settings:
@@ -247,6 +258,7 @@ def main() -> None:
                 cmd = [sys.executable, __file__, "--one", one, "--steps", str(args.steps), "--warmup", str(args.warmup)]
                 cmd += ["--repeats", str(args.repeats)]
                 cmd += ["--device", args.device, "--precision", args.precision]
+                cmd += ["--matmul-precision", args.matmul_precision]
                 cmd += ["--compile"] if args.compile else []
                 proc = subprocess.run(
                     cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"}

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
+
+from . import hardware
 
 
 class FinalEvaluation(pl.Callback):
@@ -138,3 +141,46 @@ class DualDescentStep(pl.Callback):
                 values["dual/kl_clipped"] = dual.step(kl)
             values.update({"dual/kl_ema": dual.kl_ema, "dual/lambda": dual.lam})
         pl_module.log_step(values, prog_bar=["dual/kl_ema", "dual/lambda"])
+
+
+class MatmulPrecision(pl.Callback):
+    """Opt-in reduced internal precision of float32 matrix multiplications (off by default): every tensor, the SDE
+    states, the adjoints, the KL and the optimizer stay float32; only the products inside matmuls are rounded.
+
+    - ``"tf32"`` (CUDA): TF32 tensor-core matmuls (``torch.backends.cuda.matmul.fp32_precision``).
+    - ``"bf16"`` (CPU with AMX): oneDNN's bf16 math mode for float32 matmuls
+      (``torch.backends.mkldnn.matmul.fp32_precision``), the CPU analogue of TF32. Raises on a CPU without AMX: on an
+      AVX512-BF16 CPU without it the mode was measured to change nothing, and on an AVX2 CPU bf16 is emulated several
+      times slower. On CPUs with AVX512-BF16, ``trainer.precision=bf16-mixed`` is what is faster (docs/performance.md).
+    - ``"ieee"``: full float32 (the default).
+
+    Set in ``setup`` (before a compiled step is traced), restored in ``teardown``; the flags are process-wide. In a
+    config: ``trainer.callbacks: [{class_path: trqam_lit.callbacks.MatmulPrecision, init_args: {precision: tf32}}]``.
+    """
+
+    def __init__(self, precision: Literal["ieee", "bf16", "tf32"] = "ieee") -> None:
+        if precision not in ("ieee", "bf16", "tf32"):
+            raise ValueError(f"precision must be 'ieee', 'bf16' (CPU with AMX) or 'tf32' (CUDA), got {precision!r}")
+        self.precision = precision
+        self._saved: list[tuple[Any, str]] = []
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        cuda = trainer.strategy.root_device.type == "cuda"
+        if self.precision == "bf16" and cuda:
+            raise ValueError("MatmulPrecision('bf16') is the CPU setting; on CUDA use 'tf32' (or precision=bf16-mixed)")
+        if self.precision == "tf32" and not cuda:
+            raise ValueError("MatmulPrecision('tf32') is the CUDA setting; on CPU use 'bf16' (AMX) or 'ieee'")
+        if self.precision == "bf16" and not hardware.cpu_has_amx():
+            raise ValueError(
+                "MatmulPrecision('bf16') needs a CPU with AMX: without it oneDNN's bf16 math mode is no faster (AVX512-"
+                "BF16) or emulated several times slower (AVX2); leave it at 'ieee', or on an AVX512-BF16 CPU use "
+                "trainer.precision=bf16-mixed (docs/performance.md)"
+            )
+        backend = torch.backends.cuda.matmul if cuda else torch.backends.mkldnn.matmul
+        self._saved.append((backend, backend.fp32_precision))
+        backend.fp32_precision = self.precision
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        while self._saved:
+            backend, value = self._saved.pop()
+            backend.fp32_precision = value

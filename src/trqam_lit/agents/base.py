@@ -18,9 +18,11 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
+from .. import hardware
 from ..checkpoint import check_checkpoint_file
 from ..critic import critic_loss, ensemble_pessimistic_value, td_target
 from ..flow import bc_flow_loss, sample_actions
@@ -175,6 +177,12 @@ class FlowAgent(pl.LightningModule):
         self.copy_bc_into_policy()
 
     def setup(self, stage: str) -> None:
+        precision = str(self.trainer.precision)
+        if "bf16" in precision and self.device.type == "cpu" and not hardware.cpu_has_bf16_gemm():
+            rank_zero_warn(
+                f"precision={precision} on a CPU without native bf16 (AVX512-BF16 or AMX): its bf16 matmuls are "
+                "emulated, several times slower than float32 (docs/performance.md, 'Reduced precision'); use 32-true"
+            )
         if stage == "fit":
             if self.trainer.accumulate_grad_batches != 1:
                 raise ValueError(
