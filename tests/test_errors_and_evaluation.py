@@ -353,6 +353,77 @@ def test_worker_processes_run_the_same_episodes_as_the_training_process():
         assert torch.equal(again[key], local[key]), key
 
 
+class CountdownEnv:
+    """An environment whose episodes end after a seed-dependent number of steps, by success (even seeds) or by time
+    limit (odd ones); the observation is the running sum of the actions and the steps left."""
+
+    def reset(self, seed: int):
+        self.seed, self.left, self.x = seed, 2 + (seed * 5) % 9, float(seed)
+        return np.array([self.x, self.left], dtype=np.float32), {}
+
+    def step(self, action):
+        self.left -= 1
+        self.x += float(np.sum(action))
+        over = self.left <= 0
+        done = over and self.seed % 2 == 0
+        obs = np.array([self.x, self.left], dtype=np.float32)
+        return obs, self.x, done, over and not done, {"success": float(done)}
+
+
+class InlinePool:
+    """The worker pool's interface (call, send, receive) stepping the environments in this process; it records how
+    many requests were outstanding at once."""
+
+    def __init__(self) -> None:
+        self.envs: dict[int, CountdownEnv] = {}
+        self.outstanding: list[int] = []
+        self.most_outstanding = 0
+
+    def call(self, cmd, items):
+        return self.receive(self.send(cmd, items), len(items))
+
+    def send(self, cmd, items):
+        if cmd == "reset":
+            result = [self.envs.setdefault(slot, CountdownEnv()).reset(seed)[0] for slot, seed in items]
+        else:
+            result = [evaluation.run_chunk(self.envs[slot], actions, ret) for slot, actions, ret in items]
+        self.outstanding.append(id(result))
+        self.most_outstanding = max(self.most_outstanding, len(self.outstanding))
+        return result
+
+    def receive(self, handle, n):
+        assert len(handle) == n
+        self.outstanding.remove(id(handle))
+        return handle
+
+
+def test_worker_schedule_overlaps_policy_and_physics_with_the_same_calls_as_in_process(monkeypatch):
+    # The workers' schedule issues a group's policy call while the other group's chunks are being stepped (two
+    # requests outstanding), and still makes exactly the in-process sequence of policy calls (same inputs, same
+    # order) when the groups' environments finish at different times: 7 episodes, waves of 5 (groups 3 + 2) and 2.
+    monkeypatch.setattr(evaluation, "make_ogbench_env", lambda name: CountdownEnv())
+    kwargs = dict(horizon=2, action_dim=1, num_episodes=7, num_envs=5, seed=0)
+
+    def recording(seen):
+        def act(obs):
+            seen.append(obs.clone())
+            return (obs[:, :1] * 0.1 + 1.0).repeat(1, 2)
+
+        return act
+
+    local_seen, pooled_seen = [], []
+    local = OGBenchEvaluator("countdown", **kwargs).evaluate(recording(local_seen))
+    ev = OGBenchEvaluator("countdown", workers=2, **kwargs)
+    ev._pool = pool = InlinePool()
+    pooled = ev.evaluate(recording(pooled_seen))
+    assert len(set(local["length"].tolist())) > 3 and 0 < local["success"].sum() < 7  # uneven ends, both kinds
+    assert len(pooled_seen) == len(local_seen) > 10
+    assert all(torch.equal(a, b) for a, b in zip(pooled_seen, local_seen, strict=True))
+    for key in ("success", "return", "length"):
+        assert torch.equal(pooled[key], local[key]), key
+    assert pool.most_outstanding == 2 and not pool.outstanding
+
+
 def test_a_failing_evaluation_worker_raises_with_its_traceback():
     ev = OGBenchEvaluator("cube-single-play-singletask-task99-v0", horizon=2, action_dim=CUBE_ACT, num_episodes=1,
                           num_envs=1, workers=1)  # fmt: skip

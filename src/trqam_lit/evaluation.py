@@ -7,6 +7,7 @@ ranks; each episode's seed depends only on its index, so a rank count does not c
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import multiprocessing as mp
 import os
@@ -78,6 +79,9 @@ def _env_worker(conn, env_name: str) -> None:
             conn.send(("error", traceback.format_exc()))
 
 
+WAVE_GROUPS = 2  # groups of a wave's environments taking turns (see OGBenchEvaluator._run_wave)
+
+
 class _EnvWorkers:
     """``count`` worker processes (spawned: no forked OpenMP or CUDA state); slot i lives in worker i % count."""
 
@@ -94,6 +98,11 @@ class _EnvWorkers:
 
     def call(self, cmd: str, items: list[tuple]) -> list:
         """Send each item (slot first) to its slot's worker; results come back in the items' order."""
+        return self.receive(self.send(cmd, items), len(items))
+
+    def send(self, cmd: str, items: list[tuple]) -> list[list[int]]:
+        """The first half of ``call``: each worker gets its items; returns which items went to which worker, for
+        ``receive``. At most one request may be outstanding per worker."""
         count = len(self.conns)
         parts: list[list[int]] = [[] for _ in range(count)]
         for index, item in enumerate(items):
@@ -105,7 +114,11 @@ class _EnvWorkers:
                     self.conns[w].send((cmd, [x[0] for x in local] if cmd == "make" else local))
                 except OSError:  # BrokenPipeError, ConnectionResetError: the worker is gone
                     raise self._died(w) from None
-        results: list = [None] * len(items)
+        return parts
+
+    def receive(self, parts: list[list[int]], n: int) -> list:
+        """The second half of ``call``: the results of ``send``'s request, in the items' order."""
+        results: list = [None] * n
         for w, indices in enumerate(parts):
             if not indices:
                 continue
@@ -200,6 +213,11 @@ class OGBenchEvaluator:
         return {k: torch.tensor(v, dtype=torch.float32) for k, v in out.items()}
 
     def _run_wave(self, act: ActFn, wave: list[int]) -> dict[str, list[float]]:
+        """One wave of episodes, its environments in ``WAVE_GROUPS`` groups (contiguous blocks of slots) that take
+        turns: a batched policy call for a group's active environments, then their action chunks. With workers the
+        next group's policy call runs while the workers step the previous group's chunks (the policy's compute
+        overlaps the physics instead of leaving the workers idle); in this process the groups run one after the other.
+        Both make the same policy calls in the same order, so they give identical episodes."""
         n = len(wave)
         seeds = [(i, self.seed + e) for i, e in enumerate(wave)]
         if self.workers:
@@ -208,23 +226,61 @@ class OGBenchEvaluator:
         else:
             envs = self.envs(n)
             obs = [envs[i].reset(seed=seed)[0] for i, seed in seeds]
-        active = list(range(n))
+        size = -(-n // min(WAVE_GROUPS, n))
+        active = [list(range(lo, min(lo + size, n))) for lo in range(0, n, size)]
         ret, length, success = [0.0] * n, [0] * n, [0.0] * n
-        while active:
-            # every active environment has used up its chunk: one batched policy call for all of them
-            batch = torch.as_tensor(np.stack([obs[i] for i in active]), dtype=torch.float32)
-            chunks = act(batch).float().cpu().numpy().reshape(len(active), self.horizon, self.action_dim)
-            items = [(i, chunks[j], ret[i]) for j, i in enumerate(active)]
-            if self.workers:
-                results = pool.call("chunks", items)
-            else:
-                results = [run_chunk(envs[i], actions, r) for i, actions, r in items]
+
+        def chunk_items(g: int) -> list[tuple]:
+            """Every active environment of group g has used up its chunk: one batched policy call for all of them."""
+            batch = torch.as_tensor(np.stack([obs[i] for i in active[g]]), dtype=torch.float32)
+            chunks = act(batch).float().cpu().numpy().reshape(len(active[g]), self.horizon, self.action_dim)
+            return [(i, chunks[j], ret[i]) for j, i in enumerate(active[g])]
+
+        def after(g: int) -> int | None:
+            """The group whose turn follows g's: the next one (cyclically) with active environments."""
+            for k in range(1, len(active) + 1):
+                if active[(g + k) % len(active)]:
+                    return (g + k) % len(active)
+            return None
+
+        def record(g: int, items: list[tuple], results: list) -> None:
             still = []
-            for i, (o, r, steps, over, succ) in zip(active, results, strict=True):
+            for (i, _, _), (o, r, steps, over, succ) in zip(items, results, strict=True):
                 obs[i], ret[i], length[i] = o, r, length[i] + steps
                 if over:
                     success[i] = succ
                 else:
                     still.append(i)
-            active = still
+            active[g] = still
+
+        if not self.workers:
+            g: int | None = 0
+            while g is not None:
+                items = chunk_items(g)
+                record(g, items, [run_chunk(envs[i], actions, r) for i, actions, r in items])
+                g = after(g)
+        else:
+            # The same sequence of calls, each issued as soon as the groups it depends on are recorded: the next
+            # group after `last` is known once every group from last+1 up to the first active one has its results.
+            flight: collections.deque = collections.deque()  # (group, items, send's handle), oldest first
+            last: int | None = None
+            while True:
+                nxt: int | None | str = 0 if last is None else None
+                for k in range(1, len(active) + 1) if last is not None else ():
+                    h = (last + k) % len(active)
+                    if any(f[0] == h for f in flight):
+                        nxt = "wait"
+                        break
+                    if active[h]:
+                        nxt = h
+                        break
+                if nxt == "wait":
+                    g, items, handle = flight.popleft()
+                    record(g, items, pool.receive(handle, len(items)))
+                    continue
+                if nxt is None:
+                    break  # every group recorded and finished
+                items = chunk_items(nxt)
+                flight.append((nxt, items, pool.send("chunks", items)))
+                last = nxt
         return {"success": success, "return": ret, "length": [float(x) for x in length]}
