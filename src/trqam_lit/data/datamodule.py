@@ -191,7 +191,7 @@ class OGBenchDataModule(L.LightningDataModule):
                 action chunks; same episodes and values as 0, which steps them in the training process); one group's
                 policy call then runs while the workers step the other's chunks. Useful up to the number of idle
                 cores, e.g. 8 of 16 beside a GPU training; at most eval_envs. With all episodes in one wave
-                (eval_envs = eval_episodes) it reaches 0.84 of the physics limit on 2 cores (docs/performance.md).
+                (eval_envs = eval_episodes) it reaches 0.81-0.85 of the physics limit on 2 cores (docs/performance.md).
         """
         super().__init__()
         if horizon < 1 or batch_size < 1 or shard_steps < 1:
