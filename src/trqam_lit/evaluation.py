@@ -102,7 +102,8 @@ class _EnvWorkers:
 
     def send(self, cmd: str, items: list[tuple]) -> list[list[int]]:
         """The first half of ``call``: each worker gets its items; returns which items went to which worker, for
-        ``receive``. At most one request may be outstanding per worker."""
+        ``receive``. A worker answers its requests in the order they were sent: receive them in that order (the
+        evaluator keeps at most two outstanding, whose messages are small enough for the pipes' buffers)."""
         count = len(self.conns)
         parts: list[list[int]] = [[] for _ in range(count)]
         for index, item in enumerate(items):
