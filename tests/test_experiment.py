@@ -63,6 +63,9 @@ def test_grid_names_its_runs_and_prints_one_resumable_command_each(tmp_path, cap
     assert lines[0] == "trqam-lit-exp run grid.yaml --only trqam/default/seed0 --threads 1"
     assert len(lines) == 4
     assert threads_per_job(2, cores=2) == 1 and threads_per_job(1, cores=2) == 2 and threads_per_job(4, cores=2) == 1
+    assert (
+        threads_per_job(2, cores=3) == 1 and threads_per_job(4, cores=6) == 1
+    )  # rounded down: jobs x threads <= cores
     # the cores are the ones this process may use (a SLURM cpuset, taskset), not the machine's
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3}, raising=False)
@@ -299,3 +302,33 @@ def test_a_run_that_another_runner_holds_is_left_alone(tmp_path, monkeypatch):
     assert code == experiment.FINISHED_ELSEWHERE and started == []
     (run.run_dir / "done.json").unlink()
     assert experiment.execute(run, 1)[1] == 0 and started == [run.name]  # released: this runner trains it
+
+
+def test_a_failing_run_is_reported_failed_not_finished_and_gets_its_threads(tmp_path, monkeypatch):
+    # A real training that fails at start (flow_steps 1 is refused): the runner returns 1, names the run as failed
+    # with its log, writes no done.json (the next runner trains it again), and the training process got the
+    # runner's thread count in OMP_NUM_THREADS / MKL_NUM_THREADS whatever this process has.
+    import io
+
+    from trqam_lit import experiment
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    (tmp_path / "bad.yaml").write_text(AGENT.format(steps=STEPS, cls="TRQAM", extra="flow_steps: 1"))
+    (tmp_path / "grid.yaml").write_text("name: bad\nruns_dir: runs\nseeds: [0]\nagents:\n  trqam: {config: bad.yaml}\n")
+    grid = Grid.load(tmp_path / "grid.yaml")
+    envs = []
+    real_popen = subprocess.Popen
+
+    def popen(cmd, **kwargs):
+        envs.append(kwargs["env"])
+        return real_popen(cmd, **kwargs)
+
+    monkeypatch.setattr(experiment.subprocess, "Popen", popen)
+    out = io.StringIO()
+    assert experiment.run_grid(grid, out=out, threads=3) == 1
+    run = grid.runs[0]
+    assert f"{run.name}: FAILED (exit 1)" in out.getvalue() and "run(s) failed" in out.getvalue()
+    assert not (run.run_dir / "done.json").exists() and not run.finished
+    assert "flow_steps must be at least 2" in (run.run_dir / experiment.LOG).read_text()
+    assert [(e["OMP_NUM_THREADS"], e["MKL_NUM_THREADS"]) for e in envs] == [("3", "3")]
