@@ -332,3 +332,24 @@ def test_a_failing_run_is_reported_failed_not_finished_and_gets_its_threads(tmp_
     assert not (run.run_dir / "done.json").exists() and not run.finished
     assert "flow_steps must be at least 2" in (run.run_dir / experiment.LOG).read_text()
     assert [(e["OMP_NUM_THREADS"], e["MKL_NUM_THREADS"]) for e in envs] == [("3", "3")]
+
+
+def test_a_step_written_again_after_a_resume_reads_as_its_last_write(tmp_path):
+    # A resumed run logs the steps after its checkpoint again, into a new event file: the later write is the value.
+    from torch.utils.tensorboard import SummaryWriter
+
+    from trqam_lit.report import read_run
+
+    for value, wall_time in ((0.1, 100.0), (0.5, 200.0)):
+        with SummaryWriter(str(tmp_path), filename_suffix=f".{int(wall_time)}") as writer:
+            writer.add_scalar("eval/success", value, 10, walltime=wall_time)
+            writer.add_scalar("eval/success", value + 1, 20 if wall_time > 150 else 5, walltime=wall_time)
+    assert read_run(tmp_path) == {"eval/success": pytest.approx({5: 1.1, 10: 0.5, 20: 1.5})}
+
+
+def test_final_values_are_the_last_evaluation_and_the_mean_of_the_last_training_scalars():
+    from trqam_lit.report import FINAL_WINDOW, final_value
+
+    series = {step: float(step) for step in range(0, 100, 10)}  # 0, 10, ..., 90
+    assert final_value("eval/success", series) == 90.0
+    assert FINAL_WINDOW == 5 and final_value("dual/kl", series) == 70.0  # mean of 50, 60, 70, 80, 90
