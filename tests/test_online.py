@@ -79,6 +79,7 @@ def test_fixture_offline_then_online_fills_the_buffer(fixture_online):
     np.testing.assert_array_equal(online["observations"][1:200], online["next_observations"][:199])
     assert online["terminals"][199] == 1.0 and online["terminals"][:199].sum() == 0  # the 200-step time limit
     assert set(np.unique(online["masks"])) <= {0.0, 1.0}
+    assert online["masks"][199] == 1.0  # cut off by the time limit (truncated), not terminated: still bootstraps
 
 
 def test_fixture_online_scalars_are_logged_and_finite(fixture_online):
@@ -91,6 +92,8 @@ def test_fixture_online_scalars_are_logged_and_finite(fixture_online):
     assert min(env_steps) >= 19 and max(env_steps.values()) == 230  # the step axis continues from the offline phase
     assert dict(scalars["online/buffer_size"])[max(env_steps)] == 1992 + 230
     assert [v for _, v in scalars["online/length"]] == [200.0]
+    rewards = torch.load(root / "dump" / "end-rank0.pt", weights_only=False)["buffer"]["rewards"][-230:]
+    assert [v for _, v in scalars["online/return"]] == [pytest.approx(float(rewards[:200].sum()), rel=1e-5)]
     assert max(s for s, _ in scalars["eval/return"]) > 20 and min(s for s, _ in scalars["actor/am_loss"]) < 20
 
 
@@ -237,6 +240,18 @@ def test_online_phase_starts_from_an_offline_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="resumed at global step 20, past the online phase's start"):
         toy_fit(tmp_path / "late", "--trainer.max_steps=10", "--online.online_steps=15", "--online.start_training=5",
                 "--ckpt_path", ckpt)  # fmt: skip
+
+
+def test_utd_ratio_takes_that_many_updates_per_environment_step(tmp_path, monkeypatch):
+    # utd_ratio 2, 15 env steps, updates from env step 5: 2 x 11 updates after the 20 offline steps, each env step
+    # (logged at every update) held for two consecutive updates, the last env step for the rest.
+    monkeypatch.chdir(tmp_path)
+    online = ["--online.online_steps=15", "--online.start_training=5", "--online.utd_ratio=2"]
+    scalars = toy_fit(tmp_path, "--trainer.max_steps=20", *online, "--trainer.val_check_interval=1000",
+                      "--trainer.log_every_n_steps=1")  # fmt: skip
+    env_steps = dict(scalars["online/env_steps"])
+    assert max(env_steps) == 20 + 2 * 11 and len(scalars["online/return"]) == 15
+    assert env_steps == {s: min(5.0 + (s - 19) // 2, 15.0) for s in range(19, 43)}
 
 
 @pytest.mark.slow
