@@ -101,7 +101,9 @@ def test_fixture_online_scalars_are_logged_and_finite(fixture_online):
 
 
 def test_killed_online_run_resumes_buffer_env_step_and_dual_state_exactly(tmp_path):
-    base = ["fit", "--config", QUICK, *TINY, "--online.start_training=20", "--trainer.val_check_interval=100000"]
+    # start_training 22: a checkpoint at update step s holds 22 + s - 10 env steps, never a multiple of H = 5, so
+    # the kill falls inside an action chunk and the chunk's remaining actions must be resumed too
+    base = ["fit", "--config", QUICK, *TINY, "--online.start_training=22", "--trainer.val_check_interval=100000"]
     args = [*base, *fast_trainer_args(tmp_path / "a", 10, 100_000), "--online.online_steps=100000",
             "--checkpoint.every_n_train_steps=25"]  # fmt: skip
     proc = subprocess.Popen([sys.executable, "-m", "trqam_lit.cli", *args], cwd=tmp_path, stdout=subprocess.DEVNULL,
@@ -112,7 +114,7 @@ def test_killed_online_run_resumes_buffer_env_step_and_dual_state_exactly(tmp_pa
     try:
         while time.time() < deadline:
             steps = [int(p.split("step=")[1][:-5]) for p in glob.glob(str(ckpts / "*/*/checkpoints/*step=*.ckpt"))]
-            if any(s >= 50 for s in steps):  # 40 online updates in, 59 env steps taken
+            if any(s >= 50 for s in steps):  # 40 online updates in, 61 env steps taken
                 time.sleep(0.5)
                 break
             assert proc.poll() is None, "the run died"
@@ -128,7 +130,8 @@ def test_killed_online_run_resumes_buffer_env_step_and_dual_state_exactly(tmp_pa
     step, online = saved["global_step"], saved["callbacks"]["OnlinePhase"]
     (rows,) = saved["OGBenchDataModule"]["replay_buffer"]["ranks"]
     env_steps = online["env_steps"]
-    assert step >= 50 and step % 25 == 0 and env_steps == 20 + (step - 10)  # env steps of the next update included
+    assert step >= 50 and step % 25 == 0 and env_steps == 22 + (step - 10)  # env steps of the next update included
+    assert env_steps % 5 != 0 and len(online["progress"][0]["queue"]) == 5 - env_steps % 5  # mid-chunk: rest saved
     assert len(rows["online"]["rewards"]) == env_steps
 
     # Resume for 3 more env steps (online_steps may grow; the schedule itself must not change).
