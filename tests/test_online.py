@@ -239,6 +239,8 @@ def test_online_phase_starts_from_an_offline_checkpoint(tmp_path, monkeypatch):
                       "--trainer.callbacks+=helpers.OnlineDump", f"--trainer.callbacks.dirpath={dump}")  # fmt: skip
     start, end = (torch.load(dump / f"{t}-rank0.pt", weights_only=False) for t in ("start", "end"))
     assert start["global_step"] == 20 and start["env_steps"] == 5  # the burst ran before the first online update
+    burst = start["buffer"]["actions"][-5:]  # one policy, before any online update: only the acting noise differs
+    assert len({tuple(row.tolist()) for row in burst}) == 5  # fresh noise for each environment step
     assert end["global_step"] == 20 + 11 and end["env_steps"] == 15 and len(scalars["online/return"]) == 15
     with pytest.raises(ValueError, match="resumed at global step 20, past the online phase's start"):
         toy_fit(tmp_path / "late", "--trainer.max_steps=10", "--online.online_steps=15", "--online.start_training=5",
