@@ -12,7 +12,7 @@ import contextlib
 import multiprocessing as mp
 import os
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import numpy as np
 import torch
@@ -237,11 +237,15 @@ class OGBenchEvaluator:
             chunks = act(batch).float().cpu().numpy().reshape(len(active[g]), self.horizon, self.action_dim)
             return [(i, chunks[j], ret[i]) for j, i in enumerate(active[g])]
 
-        def after(g: int) -> int | None:
-            """The group whose turn follows g's: the next one (cyclically) with active environments."""
+        def after(g: int, in_flight: Collection[int] = ()) -> int | str | None:
+            """The group whose turn follows g's: the next one (cyclically) with active environments; None when every
+            group is finished; "wait" when a group in flight comes first (its results decide)."""
             for k in range(1, len(active) + 1):
-                if active[(g + k) % len(active)]:
-                    return (g + k) % len(active)
+                h = (g + k) % len(active)
+                if h in in_flight:
+                    return "wait"
+                if active[h]:
+                    return h
             return None
 
         def record(g: int, items: list[tuple], results: list) -> None:
@@ -266,15 +270,7 @@ class OGBenchEvaluator:
             flight: collections.deque = collections.deque()  # (group, items, send's handle), oldest first
             last: int | None = None
             while True:
-                nxt: int | None | str = 0 if last is None else None
-                for k in range(1, len(active) + 1) if last is not None else ():
-                    h = (last + k) % len(active)
-                    if any(f[0] == h for f in flight):
-                        nxt = "wait"
-                        break
-                    if active[h]:
-                        nxt = h
-                        break
+                nxt = 0 if last is None else after(last, in_flight={f[0] for f in flight})
                 if nxt == "wait":
                     g, items, handle = flight.popleft()
                     record(g, items, pool.receive(handle, len(items)))
