@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import fcntl
 import os
 import shlex
 import signal
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from helpers import read_scalars
-from trqam_lit.experiment import Grid, print_commands, threads_per_job
+from trqam_lit.experiment import LOCK, Grid, print_commands, threads_per_job
 
 STEPS = 40
 AGENT = """
@@ -47,6 +48,20 @@ def exp(*args: str, cwd: Path, **kwargs) -> subprocess.Popen:
     env = {**os.environ, "MUJOCO_GL": "disable", "PYTHONWARNINGS": "ignore"}
     return subprocess.Popen([sys.executable, "-m", "trqam_lit.experiment", *args], cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)  # fmt: skip
+
+
+def wait_until_unlocked(run_dir: Path, deadline: float) -> None:
+    """Until no process holds the run's lock (the runner's flock, inherited by its training)."""
+    with open(run_dir / LOCK, "a") as lock:
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                assert time.monotonic() < deadline, f"{run_dir / LOCK} is still held"
+                time.sleep(0.1)
+            else:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+                return
 
 
 def test_grid_names_its_runs_and_prints_one_resumable_command_each(tmp_path, capsys, monkeypatch):
@@ -93,6 +108,9 @@ def test_killed_grid_resumes_skipping_finished_runs_and_continuing_killed_ones(t
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    # The runner is reaped, but its killed training may still be exiting and holding the run's lock; a runner
+    # started now would rightly skip the run as busy. A user restarts once the training is gone: so does the test.
+    wait_until_unlocked(second, deadline)
     assert (first / "done.json").is_file() and not (second / "done.json").is_file()
     first_done = (first / "done.json").stat().st_mtime_ns
 
@@ -100,11 +118,11 @@ def test_killed_grid_resumes_skipping_finished_runs_and_continuing_killed_ones(t
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out
     assert "4 runs, 1 already finished, 3 to run (2 at a time, 1 thread each)" in out
-    assert "[4/4] " in out
+    assert "[4/4] " in out and "skipped" not in out, out
     assert (first / "done.json").stat().st_mtime_ns == first_done  # skipped, not rerun
     assert (first / "train.log").read_text().count("\n$ ") == 1
     second_log = (second / "train.log").read_text()
-    assert second_log.count("\n$ ") == 2 and "--ckpt_path" in second_log.split("\n$ ")[-1]  # resumed
+    assert second_log.count("\n$ ") == 2 and "--ckpt_path" in second_log.split("\n$ ")[-1], out  # resumed
     for agent in ("trqam", "qam"):
         for seed in (0, 1):
             scalars = read_scalars(runs / agent / "default" / f"seed{seed}")
