@@ -320,3 +320,31 @@ def test_a_run_killed_during_an_evaluation_resumes_before_it_and_evaluates_that_
         straight_state, state = final_state(tmp_path / "straight"), final_state(tmp_path / (name + "-resumed"))
         for key in straight_state:
             torch.testing.assert_close(state[key], straight_state[key], rtol=0, atol=0, msg=f"{name}: {key}")
+
+
+def test_export_writes_a_policy_file_that_reproduces_the_runs_final_evaluation(toy_run):
+    import shutil
+
+    from trqam_lit.agents import TRQAM
+    from trqam_lit.export import load_policy
+
+    root, _ = toy_run
+    ckpt = root / "final.ckpt"  # the default output is beside the checkpoint, with .pt2
+    shutil.copy(next((root / "runs").glob("*/version_*/checkpoints/last.ckpt")), ckpt)
+    proc = run_cli(["export", str(ckpt)], cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = root / "final.pt2"
+    assert f"TRQAM fine-tuned policy (step {FIT_STEPS}) -> {out}" in proc.stdout
+    policy = load_policy(out)
+    assert (policy.meta["global_step"], policy.meta["checkpoint"], policy.meta["networks"]) == (FIT_STEPS, str(ckpt),
+                                                                                                ["v_ft"])  # fmt: skip
+    # the fit's final evaluation (step 30) again, from the file: its acting noise through the file's policy
+    with seeded(torch.device("cpu"), TRQAM.load_from_checkpoint(ckpt).seed_of(EVAL_NOISE, FIT_STEPS)):
+        noise = torch.randn(EVAL_SAMPLES, 1)
+    chunk = policy(torch.zeros(EVAL_SAMPLES, 1), noise)
+    ret = dict(read_scalars(run_dir(root))["eval/return"])[FIT_STEPS - 1]
+    assert ret == pytest.approx(C * chunk.mean().item(), rel=1e-5, abs=1e-6)
+
+    proc = run_cli(["export", str(root / "missing.ckpt"), "-o", str(root / "x.pt2")], cwd=root)
+    assert proc.returncode == 2 and "trqam-lit export: error: checkpoint not found" in proc.stderr, proc.stderr[-2000:]
+    assert not (root / "x.pt2").exists()

@@ -62,6 +62,12 @@ class TRQAMCLI(LightningCLI):
         print("\n".join(lines), flush=True)
 
 
+DESCRIPTION = (
+    "trqam-lit: train (fit), evaluate (validate, test) flow policies; `trqam-lit export CKPT [-o OUT]` writes a "
+    "checkpoint's policy to a file that acts with torch alone (docs/cli.md)."
+)
+
+
 def trainer_defaults() -> dict:
     return {
         "logger": {
@@ -86,7 +92,7 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> TRQAMCLI:
         subclass_mode_model=True,
         subclass_mode_data=True,
         trainer_defaults=trainer_defaults(),
-        parser_kwargs={"parser_mode": "omegaconf"},
+        parser_kwargs={"parser_mode": "omegaconf", "description": DESCRIPTION},
         save_config_kwargs={"overwrite": True},
         args=args,
         run=run,
@@ -94,11 +100,18 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> TRQAMCLI:
 
 
 def main(args: list[str] | None = None) -> None:
-    """Console-script entry: ``trqam-lit fit --config cfg.yaml [--overrides]``."""
-    build_cli(args)
+    """Console-script entry: ``trqam-lit fit --config cfg.yaml [--overrides]``; ``trqam-lit export CKPT`` writes a
+    checkpoint's policy to a file that acts with torch alone (trqam_lit.export)."""
+    argv = sys.argv[1:] if args is None else args
+    if argv[:1] == ["export"]:
+        from .export import main as export_main
+
+        export_main(argv[1:])
+        return
+    build_cli(args)  # None: LightningCLI reads sys.argv itself (given both, it warns)
 
 
 __all__ = ["TRQAMCLI", "build_cli", "main"]
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

@@ -403,12 +403,16 @@ class FlowAgent(pl.LightningModule):
         """The acting policy's action chunk from the given noise: here the Euler ODE of ``policy_net``, clipped."""
         return sample_actions(self.policy_net, s, noise, self.flow_steps)
 
+    def acting_noise_shape(self, batch: int) -> tuple[int, ...]:
+        """The shape of the noise ``policy_actions`` takes for ``batch`` observations: (B, A) here."""
+        return (batch, self.hparams.action_dim)
+
     @torch.no_grad()
     def act(self, obs: Tensor, noise: Tensor | None = None) -> Tensor:
         """The acting policy (``policy_actions``) from fresh noise, clipped: (B, H * act_dim)."""
         obs = obs.to(self.device, torch.float32)
         if noise is None:
-            noise = torch.randn(obs.shape[0], self.hparams.action_dim, device=self.device)
+            noise = torch.randn(self.acting_noise_shape(obs.shape[0]), device=self.device)
         return self.policy_actions(obs, noise)
 
     def on_validation_epoch_start(self) -> None:

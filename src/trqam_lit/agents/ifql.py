@@ -65,13 +65,9 @@ class IFQL(FlowAgent):
             return torch.zeros((), device=a.device), y
         return critic_loss(self.critic(s, a), y, batch["valid"]), y
 
-    @torch.no_grad()
-    def act(self, obs: Tensor, noise: Tensor | None = None) -> Tensor:
-        """The acting policy from fresh noise: (best_of_n, B, A) once fine-tuning started, else (1, B, A)."""
-        if noise is None:
-            n = self.hparams.best_of_n if bool(self.policy_from_bc) else 1
-            noise = torch.randn(n, obs.shape[0], self.hparams.action_dim, device=self.device)
-        return super().act(obs, noise)
+    def acting_noise_shape(self, batch: int) -> tuple[int, ...]:
+        """(best_of_n, B, A) once fine-tuning started, else (1, B, A)."""
+        return (self.hparams.best_of_n if bool(self.policy_from_bc) else 1, batch, self.hparams.action_dim)
 
     def policy_actions(self, s: Tensor, noise: Tensor) -> Tensor:
         """Best-of-N over the leading axis of ``noise`` (N, B, A) (a (B, A) noise is N = 1); v_bc's plain ODE from the

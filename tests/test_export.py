@@ -1,0 +1,126 @@
+"""`trqam_lit.export`: a policy file that acts with torch alone and gives the agent's own action chunks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import trqam_lit.agents as agents
+from trqam_lit.export import META, export_checkpoint, export_policy, load_policy
+from trqam_lit.flow import sample_actions
+
+SMALL = dict(obs_dim=5, action_dim=6, horizon=2, actor_hidden_dims=[16, 16], critic_hidden_dims=[16, 16], num_critics=2)
+EXPORTABLE = ["BC", "TRQAM", "QAM", "QAME", "QAMF", "FQL", "DSRL", "IFQL"]
+
+
+def perturbed(agent: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Every weight moved by a random amount, so that networks copied from one another (v_bc, v_base, v_ft) differ
+    and a file acting with the wrong one gives other numbers."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in agent.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=gen))
+    return agent
+
+
+def noise_for(meta: dict, batch: int, seed: int = 1) -> torch.Tensor:
+    shape = [batch if d == "batch" else d for d in meta["noise_shape"]]
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("name", EXPORTABLE)
+def test_the_file_gives_the_agents_own_action_chunks_at_any_batch_size(tmp_path, name):
+    agent = perturbed(getattr(agents, name)(**SMALL)).eval()
+    meta = export_policy(agent, tmp_path / "policy.pt2")
+    policy = load_policy(tmp_path / "policy.pt2")
+    assert policy.meta == meta and meta["agent"] == name and meta["policy"] == "fine-tuned"
+    assert (meta["obs_dim"], meta["horizon"], meta["act_dim"]) == (5, 2, 3)
+    for batch in (1, 7):  # exported with batch 2: the batch axis is dynamic
+        obs = torch.randn(batch, 5, generator=torch.Generator().manual_seed(batch))
+        noise = noise_for(meta, batch)
+        torch.manual_seed(0)  # QAM-E's edit draws its eps from the global generator, in the file as in the agent
+        expected = agent.act(obs, noise)
+        torch.manual_seed(0)
+        chunk = policy(obs, noise)
+        assert chunk.shape == (batch, 2, 3)
+        assert torch.equal(chunk.reshape(batch, 6), expected)  # the same float32 operations: bit for bit
+        assert chunk.abs().max() <= 1.0
+    # only the networks the policy calls are in the file (no critics, targets or optimizer state for the TRQAM family)
+    assert {key.split(".")[1] for key in policy.module.state_dict()} == set(meta["networks"])
+
+
+def test_ifql_noise_carries_its_n_candidates_and_the_critic_picks_one(tmp_path):
+    agent = perturbed(agents.IFQL(**SMALL, best_of_n=4)).eval()
+    meta = export_policy(agent, tmp_path / "p.pt2")
+    assert meta["noise_shape"] == [4, "batch", 6] and meta["networks"] == ["critic", "v_bc"]
+    obs, noise = torch.randn(3, 5), noise_for(meta, 3)
+    candidates = sample_actions(agent.v_bc, obs, noise, agent.flow_steps)  # (4, 3, 6)
+    with torch.no_grad():
+        q = agent.critic(obs.repeat(4, 1), candidates.reshape(12, 6)).reshape(-1, 4, 3).min(dim=0).values
+    best = q.argmax(dim=0)
+    assert best.tolist() != [0, 0, 0]  # the first candidate is not always the answer
+    chunk = load_policy(tmp_path / "p.pt2")(obs, noise).reshape(3, 6)
+    assert torch.equal(chunk, candidates[best, torch.arange(3)])
+    assert torch.equal(chunk, agent.act(obs, noise))
+
+
+def test_during_the_bc_warmup_the_file_acts_with_v_bc(tmp_path):
+    agent = perturbed(agents.TRQAM(**SMALL, bc_warmup_steps=10)).eval()
+    assert not bool(agent.policy_from_bc)
+    meta = export_policy(agent, tmp_path / "p.pt2")
+    assert meta["policy"] == "BC" and meta["networks"] == ["v_bc"]
+    obs, noise = torch.randn(4, 5), torch.randn(4, 6)
+    chunk = load_policy(tmp_path / "p.pt2")(obs, noise).reshape(4, 6)
+    assert torch.equal(chunk, sample_actions(agent.v_bc, obs, noise, agent.flow_steps))
+    assert not torch.equal(chunk, sample_actions(agent.v_ft, obs, noise, agent.flow_steps))
+
+
+def test_loading_and_acting_needs_torch_alone(tmp_path):
+    agent = perturbed(agents.TRQAM(**SMALL)).eval()
+    export_policy(agent, tmp_path / "p.pt2")
+    obs, noise = torch.randn(3, 5), torch.randn(3, 6)
+    torch.save({"obs": obs, "noise": noise}, tmp_path / "inputs.pt")
+    script = f"""
+import json, sys, torch
+extra = {{"{META}": ""}}
+policy = torch.export.load("p.pt2", extra_files=extra).module()
+meta = json.loads(extra["{META}"])
+inputs = torch.load("inputs.pt")
+torch.save(policy(inputs["obs"], inputs["noise"]), "out.pt")
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("trqam_lit", "lightning", "torchsde", "ogbench"))
+print(json.dumps({{"agent": meta["agent"], "loaded": loaded}}))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"agent": "TRQAM", "loaded": []}
+    assert torch.equal(torch.load(tmp_path / "out.pt"), agent.act(obs, noise))
+
+
+def test_what_cannot_be_exported_or_read_is_refused_with_a_reason(tmp_path):
+    with pytest.raises(ValueError, match="CGQL cannot be exported yet: its guided sampler differentiates the critic"):
+        export_policy(agents.CGQL(**SMALL), tmp_path / "c.pt2")
+    with pytest.raises(ValueError, match="analytic critic"):
+        export_policy(agents.IFQL(**SMALL, analytic_critic=True), tmp_path / "i.pt2")
+    assert not list(tmp_path.iterdir())  # nothing written for a refused export
+    export_policy(agents.TRQAM(**SMALL), tmp_path / "p.pt2")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.pt2"]  # no partial file left beside it
+    policy = load_policy(tmp_path / "p.pt2")
+    with pytest.raises(ValueError, match=r"obs must be \(batch, 5\), got \(3, 4\)"):
+        policy(torch.zeros(3, 4))
+    with pytest.raises(FileNotFoundError, match="policy file not found"):
+        load_policy(tmp_path / "missing.pt2")
+    (tmp_path / "junk.pt2").write_bytes(b"not a policy")
+    with pytest.raises(ValueError, match="is not a readable exported policy"):
+        load_policy(tmp_path / "junk.pt2")
+    program = torch.export.export(torch.nn.Linear(2, 2), (torch.zeros(1, 2),))
+    torch.export.save(program, tmp_path / "other.pt2")
+    with pytest.raises(ValueError, match="not a trqam-lit policy"):
+        load_policy(tmp_path / "other.pt2")
+    foreign = {"pytorch-lightning_version": "2.5", "hyper_parameters": {"_class_path": "os.path.join"}}
+    torch.save(foreign, tmp_path / "foreign.ckpt")
+    with pytest.raises(ValueError, match=r"does not name a trqam-lit agent \(os.path.join\)"):
+        export_checkpoint(tmp_path / "foreign.ckpt", tmp_path / "f.pt2")
