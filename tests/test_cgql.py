@@ -387,6 +387,27 @@ def test_the_time_conditioned_critic_is_the_critic_at_t_1_by_default():
         plain(s, a, 1.0)
 
 
+@pytest.mark.parametrize("layer_norm", [True, False])
+@pytest.mark.parametrize("time_input", [True, False])
+def test_the_critics_written_out_action_gradient_equals_autograds(layer_norm, time_input):
+    # guidance_score's CriticEnsemble path (no autograd graph, so torch.export traces the guided sampler) against
+    # autograd through the critic's own forward, with weights moved off their initial values
+    gen = torch.Generator().manual_seed(int(layer_norm) + 2 * int(time_input))
+    critic = CriticEnsemble(5, 6, 3, (32, 32, 32), layer_norm, time_input)
+    with torch.no_grad():
+        for p in critic.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=gen))
+    s, a = torch.randn(7, 5, generator=gen), torch.randn(7, 6, generator=gen)
+    t = 0.3 if time_input else None
+    x = a.clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad(critic(s, x, t).mean(dim=0).sum(), x)
+    got = critic.action_gradient(s, a, t)
+    assert got.shape == (7, 6) and expected.abs().max() > 0.1
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    if time_input:
+        torch.testing.assert_close(guidance_score(critic, s, a, t), expected, rtol=1e-5, atol=1e-6)
+
+
 def test_gradient_isolation_of_each_loss_and_of_the_guidance_score():
     """torchrl-style, through the agent's own methods: L_Q and L_linex reach only the critic (a' and the noisy
     target carry no graph), L_BC only v_bc; the guidance score trains nothing, even with gradients enabled."""

@@ -14,7 +14,7 @@ from trqam_lit.export import META, export_checkpoint, export_policy, load_policy
 from trqam_lit.flow import sample_actions
 
 SMALL = dict(obs_dim=5, action_dim=6, horizon=2, actor_hidden_dims=[16, 16], critic_hidden_dims=[16, 16], num_critics=2)
-EXPORTABLE = ["BC", "TRQAM", "QAM", "QAME", "QAMF", "FQL", "DSRL", "IFQL"]
+EXPORTABLE = ["BC", "TRQAM", "QAM", "QAME", "QAMF", "FQL", "DSRL", "IFQL", "CGQL"]
 
 
 def perturbed(agent: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -101,10 +101,10 @@ print(json.dumps({{"agent": meta["agent"], "loaded": loaded}}))
 
 
 def test_what_cannot_be_exported_or_read_is_refused_with_a_reason(tmp_path):
-    with pytest.raises(ValueError, match="CGQL cannot be exported yet: its guided sampler differentiates the critic"):
-        export_policy(agents.CGQL(**SMALL), tmp_path / "c.pt2")
-    with pytest.raises(ValueError, match="analytic critic"):
+    with pytest.raises(ValueError, match="acts through its critic, and its run used the DataModule's analytic"):
         export_policy(agents.IFQL(**SMALL, analytic_critic=True), tmp_path / "i.pt2")
+    export_policy(agents.TRQAM(**SMALL, analytic_critic=True), tmp_path / "t.pt2")  # acts without a critic: fine
+    (tmp_path / "t.pt2").unlink()
     assert not list(tmp_path.iterdir())  # nothing written for a refused export
     export_policy(agents.TRQAM(**SMALL), tmp_path / "p.pt2")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.pt2"]  # no partial file left beside it

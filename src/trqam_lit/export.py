@@ -50,13 +50,10 @@ class ActingPolicy(nn.Module):
         copy = type(agent)(**hparams)
         copy.load_state_dict({k: v.detach().cpu() for k, v in agent.state_dict().items()})
         copy.eval().requires_grad_(False)
+        if hparams.get("analytic_critic"):
+            copy.analytic_q = _analytic_critic_refused  # the DataModule's function, not in the agent: only an error
         self.noise_shape = acting_noise_shape(copy)
         used = _children_called(copy, self.noise_shape)
-        if "critic" in used and bool(hparams.get("analytic_critic")):
-            raise ValueError(
-                f"{type(agent).__name__} acts through its critic, and this run used the DataModule's analytic critic "
-                "(analytic_critic: true, toy domains): the file would act with an untrained ensemble"
-            )
         fine_tuned = bool(copy.policy_from_bc)
         copy._buffers.clear()  # the agent's own state (step counters, seeds, lambda): not the policy's
         copy.policy_from_bc = fine_tuned
@@ -69,6 +66,13 @@ class ActingPolicy(nn.Module):
         return self.agent.policy_actions(obs, noise)
 
 
+def _analytic_critic_refused(*_: Tensor) -> Tensor:
+    raise ValueError(
+        "this policy acts through its critic, and its run used the DataModule's analytic critic (analytic_critic: "
+        "true, toy domains), a function of the DataModule that a policy file cannot hold"
+    )
+
+
 def acting_noise_shape(agent: nn.Module) -> list[int | str]:
     """The noise the acting policy takes, with the batch axis as "batch": (batch, A), or (N, batch, A) for IFQL."""
     two, three = agent.acting_noise_shape(2), agent.acting_noise_shape(3)
@@ -78,7 +82,11 @@ def acting_noise_shape(agent: nn.Module) -> list[int | str]:
 def _children_called(agent: nn.Module, noise_shape: list[int | str]) -> set[str]:
     """The agent's top-level networks that one acting call uses."""
     called: set[str] = set()
-    hooks = [m.register_forward_pre_hook(lambda *_, n=n: called.add(n)) for n, m in agent.named_children()]
+    hooks = [  # on every layer: a network may be used through a method of its own, not its forward
+        m.register_forward_pre_hook(lambda *_, n=n: called.add(n))
+        for n, child in agent.named_children()
+        for m in child.modules()
+    ]
     try:
         with torch.no_grad():
             agent.policy_actions(torch.zeros(2, agent.hparams.obs_dim), torch.zeros(_sized(noise_shape, 2)))
@@ -96,13 +104,8 @@ def export_policy(agent: nn.Module, path: str | Path, info: dict[str, Any] | Non
     """Write ``agent``'s acting policy to ``path`` (a ``.pt2`` file); returns its description (stored inside).
 
     ``info`` adds entries to the description (where the weights came from). Raises ``ValueError`` for an agent
-    whose acting policy cannot be traced (CGQL: its sampler differentiates the critic) or needs the DataModule.
+    whose acting policy needs the DataModule (an analytic critic).
     """
-    if type(agent).__name__ == "CGQL":
-        raise ValueError(
-            "CGQL cannot be exported yet: its guided sampler differentiates the critic at every flow step, which "
-            "torch.export does not trace; act with the checkpoint in trqam-lit instead"
-        )
     policy = ActingPolicy(agent)
     hp = policy.agent.hparams
     obs_dim, chunk_dim, horizon = int(hp.obs_dim), int(hp.action_dim), int(hp.horizon)

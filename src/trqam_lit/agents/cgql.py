@@ -26,8 +26,12 @@ def guidance_score(critic: TimeQFn, s: Tensor, x: Tensor, t: Tensor | float) -> 
     """score = grad_x sum_b mean_j Q_j(s, x, t): each sample's action gradient of the ensemble mean at flow time t.
 
     Only ``x`` is differentiated, so the critic's parameters never receive a gradient (they are the current weights
-    held fixed, the reference's stored params). Works under ``no_grad`` and under inference mode (evaluation).
+    held fixed, the reference's stored params). Works under ``no_grad`` and under inference mode (evaluation). A
+    :class:`CriticEnsemble` computes it with its written-out backward pass (no autograd graph: ``torch.export``
+    traces it, and it costs less); any other critic goes through autograd.
     """
+    if isinstance(critic, CriticEnsemble) and not torch.is_tensor(t):
+        return critic.action_gradient(s, x.detach(), t)
     with torch.inference_mode(False), torch.enable_grad():
         s = s.clone()  # a normal tensor even if it was made under inference mode
         x = x.detach().float().clone().requires_grad_(True)
