@@ -315,6 +315,8 @@ def test_a_run_that_another_runner_holds_is_left_alone(tmp_path, monkeypatch):
         out = io.StringIO()
         assert experiment.run_grid(grid, only=[run.name], out=out) == 0
         assert started == [] and f"{run.name}: skipped: another runner is training it" in out.getvalue()
+        closing = out.getvalue().splitlines()[-1]  # the closing line says what is left to do
+        assert closing.startswith("trqam-lit-exp: 1 run(s) skipped, held by another runner") and run.name in closing
         (run.run_dir / "done.json").write_text("{}")  # the other runner finishes it before releasing the lock
     _, code, _ = experiment.execute(run, 1)
     assert code == experiment.FINISHED_ELSEWHERE and started == []

@@ -275,7 +275,7 @@ def run_grid(grid: Grid, jobs: int = 1, only: Sequence[str] = (), out=None, thre
     for r, why in changed:
         print(f"trqam-lit-exp: warning: {r.name} is finished and skipped, but {why}; delete {r.run_dir} to rerun it",
               file=out, flush=True)  # fmt: skip
-    failed, seconds = [], []
+    failed, busy, seconds = [], [], []
     _stopping.clear()
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
@@ -289,6 +289,7 @@ def run_grid(grid: Grid, jobs: int = 1, only: Sequence[str] = (), out=None, thre
                 seconds.append(secs)
                 status = f"finished in {secs:.0f} s"
             elif code == BUSY:
+                busy.append(run)
                 status = f"skipped: another runner is training it ({run.run_dir / LOCK} is held)"
             elif code == FINISHED_ELSEWHERE:
                 status = "finished by another runner"
@@ -306,6 +307,11 @@ def run_grid(grid: Grid, jobs: int = 1, only: Sequence[str] = (), out=None, thre
         pool.shutdown(wait=True)
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
+    if busy:
+        # not a failure (another runner owns them), but not finished here either: say so at the end, where one looks
+        print(f"trqam-lit-exp: {len(busy)} run(s) skipped, held by another runner (or a training still exiting): "
+              + ", ".join(r.name for r in busy) + "; rerun this command once it ends to train what is left",
+              file=out)  # fmt: skip
     if failed:
         print(f"trqam-lit-exp: {len(failed)} run(s) failed: " + ", ".join(r.name for r in failed), file=out)
     return len(failed)
