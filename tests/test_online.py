@@ -193,6 +193,9 @@ def test_two_process_ddp_online_phase_keeps_ranks_identical(tmp_path):
     assert e0["env_steps"] == e1["env_steps"] == 40 and len(e0["buffer"]["rewards"]) == n_off + 40
     # each rank ran its own environment: different online data, same offline rows
     assert not torch.equal(e0["buffer"]["observations"][n_off:], e1["buffer"]["observations"][n_off:])
+    # ... from its own episodes: the first reset already differs (the rank is in each episode's seed; the acting
+    # noise alone would make the data differ only after the first action)
+    assert not torch.equal(e0["buffer"]["observations"][n_off], e1["buffer"]["observations"][n_off])
     assert torch.equal(e0["buffer"]["observations"][:n_off], e1["buffer"]["observations"][:n_off])
     (ckpt,) = glob.glob(str(tmp_path / "runs" / "*/*/checkpoints/last.ckpt"))
     ranks = torch.load(ckpt, weights_only=False)["OGBenchDataModule"]["replay_buffer"]["ranks"]
