@@ -103,6 +103,8 @@ print(json.dumps({{"agent": meta["agent"], "loaded": loaded}}))
 def test_what_cannot_be_exported_or_read_is_refused_with_a_reason(tmp_path):
     with pytest.raises(ValueError, match="acts through its critic, and its run used the DataModule's analytic"):
         export_policy(agents.IFQL(**SMALL, analytic_critic=True), tmp_path / "i.pt2")
+    with pytest.raises(ValueError, match=r"must end in .pt2 \(torch.export's package format\)"):
+        export_policy(agents.TRQAM(**SMALL), tmp_path / "t.bin")
     export_policy(agents.TRQAM(**SMALL, analytic_critic=True), tmp_path / "t.pt2")  # acts without a critic: fine
     (tmp_path / "t.pt2").unlink()
     assert not list(tmp_path.iterdir())  # nothing written for a refused export

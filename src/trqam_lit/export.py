@@ -106,6 +106,9 @@ def export_policy(agent: nn.Module, path: str | Path, info: dict[str, Any] | Non
     ``info`` adds entries to the description (where the weights came from). Raises ``ValueError`` for an agent
     whose acting policy needs the DataModule (an analytic critic).
     """
+    path = Path(path)
+    if path.suffix != ".pt2":
+        raise ValueError(f"the policy file's name must end in .pt2 (torch.export's package format), got {path}")
     policy = ActingPolicy(agent)
     hp = policy.agent.hparams
     obs_dim, chunk_dim, horizon = int(hp.obs_dim), int(hp.action_dim), int(hp.horizon)
@@ -132,7 +135,6 @@ def export_policy(agent: nn.Module, path: str | Path, info: dict[str, Any] | Non
         "torch_version": torch.__version__,
         **(info or {}),
     }
-    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.partial.pt2")  # torch.export.save wants a .pt2 name
     torch.export.save(program, tmp, extra_files={META: json.dumps(meta, indent=1)})
