@@ -87,6 +87,11 @@ def test_validate_a_saved_policy_on_the_fixture(fixture_run):
     scalars = read_scalars(run_dir(root, "val"))
     assert len(scalars["eval/success"]) == 1  # one evaluation of the 2 episodes
     assert_cube_single_evaluation(scalars)
+    # its policy as a file names the run's dataset (whose single-task environment a deployment loop makes)
+    from trqam_lit.export import export_checkpoint
+
+    meta = export_checkpoint(ckpt, root / "policy.pt2")
+    assert meta["env_name"] == "cube-single-play-singletask-task5-v0" and meta["global_step"] == STEPS
 
 
 # The baselines through the real CLI with their paper config on the shipped cube-double fixture (the config's env

@@ -10,6 +10,7 @@ import time
 
 import pytest
 import torch
+import yaml
 
 from helpers import CONFIGS, assert_dual_descent, fast_trainer_args, read_scalars, run_cli, run_dir
 from trqam_lit.dual import dual_step
@@ -96,7 +97,18 @@ def test_fit_logs_every_scalar_finite(toy_run):
     for (_, ret), (_, mean) in zip(scalars["eval/return"], scalars["eval/action_mean"], strict=True):
         assert ret == pytest.approx(C * mean, rel=1e-5, abs=1e-6)  # reward c a (1-D): return = c * action mean
     assert "TensorBoard logs:" in proc.stdout and "tensorboard --logdir" in proc.stdout
+    assert f"trqam-lit: logging to {run_dir(root)}" in proc.stdout  # said at the start, not only at the end
     assert "last.ckpt" in proc.stdout
+
+    # the whole resolved config (trainer, checkpoint, data, model), not only the model's arguments, is in the run's
+    # hparams (TensorBoard's HPARAMS tab)
+    class Loader(yaml.SafeLoader):  # the file also holds a few python objects (paths): read them as None
+        pass
+
+    Loader.add_multi_constructor("tag:yaml.org,2002:python/", lambda *_: None)
+    hparams = yaml.load((run_dir(root) / "hparams.yaml").read_text(), Loader=Loader)
+    assert hparams["trainer"]["max_steps"] == FIT_STEPS and hparams["checkpoint"]["every_n_train_steps"] == 1000
+    assert hparams["data"]["init_args"]["batch_size"] == 64
     # The closing summary puts the BC policy (evaluated at the end of the warm-up) next to the fine-tuned one
     returns = dict(scalars["eval/return"])
     assert f"BC policy           return {returns[WARMUP - 1]:.4g}  (step {WARMUP})" in proc.stdout, proc.stdout[-800:]
@@ -256,6 +268,28 @@ def test_init_from_a_bc_checkpoint_starts_fine_tuning_from_v_bc(tmp_path):
         name = key[len("v_bc.") :]
         for net in ("v_ft", "v_base"):  # one Adam step (lr 1e-3) or one polyak step away from the BC weights
             assert (state[f"{net}.{name}"] - value).abs().max() < 2e-3, (net, name)
+
+
+def test_a_config_without_a_trainer_section_gets_the_documented_defaults(tmp_path, monkeypatch):
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from trqam_lit.checkpoint import AtomicCheckpointIO
+    from trqam_lit.cli import build_cli
+
+    cfg = tmp_path / "bare.yaml"
+    cfg.write_text(
+        "model:\n  class_path: trqam_lit.agents.TRQAM\n  init_args: {actor_hidden_dims: [8], critic_hidden_dims: [8]}\n"
+        "data:\n  class_path: trqam_lit.toy.ToyBanditDataModule\n  init_args: {discount: 0.9}\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    cli = build_cli(["--config", str(cfg)], run=False)
+    t = cli.trainer
+    assert cli.model.hparams.discount == 0.9  # linked from the DataModule, like obs_dim, action_dim and horizon
+    assert (t.max_steps, t.val_check_interval, t.num_sanity_val_steps, t.log_every_n_steps) == (1000, 1000, 0, 50)
+    assert t.checkpoint_callback._every_n_train_steps == 1000 and t.checkpoint_callback.save_last
+    assert isinstance(t.strategy.checkpoint_io, AtomicCheckpointIO)  # no half-written last.ckpt after a kill
+    assert isinstance(t.logger, TensorBoardLogger) and t.logger.save_dir == "runs"
+    assert t.logger._default_hp_metric is False
 
 
 def test_omegaconf_interpolation_in_configs(tmp_path, monkeypatch):

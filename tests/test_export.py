@@ -126,3 +126,59 @@ def test_what_cannot_be_exported_or_read_is_refused_with_a_reason(tmp_path):
     torch.save(foreign, tmp_path / "foreign.ckpt")
     with pytest.raises(ValueError, match=r"does not name a trqam-lit agent \(os.path.join\)"):
         export_checkpoint(tmp_path / "foreign.ckpt", tmp_path / "f.pt2")
+
+
+def test_a_file_of_another_format_version_is_refused(tmp_path):
+    export_policy(agents.TRQAM(**SMALL), tmp_path / "p.pt2")
+    extra = {META: ""}
+    program = torch.export.load(tmp_path / "p.pt2", extra_files=extra)
+    meta = json.loads(extra[META])
+    torch.export.save(
+        program, tmp_path / "v2.pt2", extra_files={META: json.dumps({**meta, "format": "trqam-lit-policy/2"})}
+    )
+    with pytest.raises(
+        ValueError, match="policy format 'trqam-lit-policy/2', this trqam-lit reads 'trqam-lit-policy/1'"
+    ):
+        load_policy(tmp_path / "v2.pt2")
+
+
+def test_without_noise_the_loaded_policy_draws_it_in_the_files_shape_from_the_generator(tmp_path):
+    agent = perturbed(agents.IFQL(**SMALL, best_of_n=4)).eval()
+    export_policy(agent, tmp_path / "p.pt2")
+    policy, obs = load_policy(tmp_path / "p.pt2"), torch.randn(3, 5)
+    chunk = policy(obs, generator=torch.Generator().manual_seed(3))
+    assert chunk.shape == (3, 2, 3)
+    assert torch.equal(chunk, policy(obs, torch.randn(4, 3, 6, generator=torch.Generator().manual_seed(3))))
+
+
+def test_what_the_description_says_about_noise_drawn_inside(tmp_path):
+    assert export_policy(agents.QAME(**SMALL), tmp_path / "e.pt2")["draws_inside"] is True
+    assert export_policy(agents.TRQAM(**SMALL), tmp_path / "t.pt2")["draws_inside"] is False
+
+
+def test_a_crash_while_writing_leaves_the_previous_file_intact(tmp_path, monkeypatch):
+    agent = perturbed(agents.TRQAM(**SMALL)).eval()
+    export_policy(agent, tmp_path / "p.pt2")
+    before = (tmp_path / "p.pt2").read_bytes()
+
+    def crash(program, f, **kwargs):
+        open(f, "wb").write(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch.export, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        export_policy(agent, tmp_path / "p.pt2")
+    assert (tmp_path / "p.pt2").read_bytes() == before
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["p.pt2"]  # and the half-written one is removed
+    obs, noise = torch.randn(2, 5), torch.randn(2, 6)
+    assert torch.equal(load_policy(tmp_path / "p.pt2")(obs, noise).reshape(2, 6), agent.act(obs, noise))
+
+
+def test_a_checkpoint_naming_a_class_outside_trqam_lit_is_refused_without_importing_it(tmp_path, monkeypatch):
+    (tmp_path / "sideeffect_mod.py").write_text("class A:\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    torch.save({"pytorch-lightning_version": "2.5", "hyper_parameters": {"_class_path": "sideeffect_mod.A"}},
+               tmp_path / "other.ckpt")  # fmt: skip
+    with pytest.raises(ValueError, match=r"does not name a trqam-lit agent \(sideeffect_mod.A\)"):
+        export_checkpoint(tmp_path / "other.ckpt", tmp_path / "o.pt2")
+    assert "sideeffect_mod" not in sys.modules

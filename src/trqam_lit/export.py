@@ -137,8 +137,11 @@ def export_policy(agent: nn.Module, path: str | Path, info: dict[str, Any] | Non
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.partial.pt2")  # torch.export.save wants a .pt2 name
-    torch.export.save(program, tmp, extra_files={META: json.dumps(meta, indent=1)})
-    tmp.replace(path)  # a crash while writing never leaves a half-written policy under the final name
+    try:
+        torch.export.save(program, tmp, extra_files={META: json.dumps(meta, indent=1)})
+        tmp.replace(path)  # a crash while writing never leaves a half-written policy under the final name
+    finally:
+        tmp.unlink(missing_ok=True)
     return meta
 
 
@@ -191,7 +194,7 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path) -> dict[str, Any]:
     agent = cls.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=False)
     data = ckpt.get("datamodule_hyper_parameters") or {}
     info = {"checkpoint": str(ckpt_path), "global_step": int(ckpt.get("global_step", -1))}
-    for key in ("env_name", "dataset"):
+    for key in ("env_name",):
         if data.get(key):
             info[key] = data[key]
     return export_policy(agent, out, info)
