@@ -194,9 +194,8 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path) -> dict[str, Any]:
     agent = cls.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=False)
     data = ckpt.get("datamodule_hyper_parameters") or {}
     info = {"checkpoint": str(ckpt_path), "global_step": int(ckpt.get("global_step", -1))}
-    for key in ("env_name",):
-        if data.get(key):
-            info[key] = data[key]
+    if data.get("env_name"):  # the OGBench dataset, whose single-task environment evaluates the policy
+        info["env_name"] = data["env_name"]
     return export_policy(agent, out, info)
 
 
