@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from . import __version__
+from .flow import ACTION_CLIP
 
 FORMAT = "trqam-lit-policy/1"
 META = "trqam_lit.json"
@@ -52,7 +53,7 @@ class ActingPolicy(nn.Module):
         copy.eval().requires_grad_(False)
         if hparams.get("analytic_critic"):
             copy.analytic_q = _analytic_critic_refused  # the DataModule's function, not in the agent: only an error
-        self.noise_shape = acting_noise_shape(copy)
+        self.noise_shape = noise_shape_with_batch(copy)
         used = _children_called(copy, self.noise_shape)
         fine_tuned = bool(copy.policy_from_bc)
         copy._buffers.clear()  # the agent's own state (step counters, seeds, lambda): not the policy's
@@ -73,7 +74,7 @@ def _analytic_critic_refused(*_: Tensor) -> Tensor:
     )
 
 
-def acting_noise_shape(agent: nn.Module) -> list[int | str]:
+def noise_shape_with_batch(agent: nn.Module) -> list[int | str]:
     """The noise the acting policy takes, with the batch axis as "batch": (batch, A), or (N, batch, A) for IFQL."""
     two, three = agent.acting_noise_shape(2), agent.acting_noise_shape(3)
     return ["batch" if a != b else a for a, b in zip(two, three, strict=True)]
@@ -89,7 +90,7 @@ def _children_called(agent: nn.Module, noise_shape: list[int | str]) -> set[str]
     ]
     try:
         with torch.no_grad():
-            agent.policy_actions(torch.zeros(2, agent.hparams.obs_dim), torch.zeros(_sized(noise_shape, 2)))
+            agent.policy_actions(*_example_inputs(agent, noise_shape))
     finally:
         for hook in hooks:
             hook.remove()
@@ -98,6 +99,10 @@ def _children_called(agent: nn.Module, noise_shape: list[int | str]) -> set[str]
 
 def _sized(shape: Sequence[int | str], batch: int) -> list[int]:
     return [batch if d == "batch" else int(d) for d in shape]
+
+
+def _example_inputs(agent: nn.Module, noise_shape: list[int | str], batch: int = 2) -> tuple[Tensor, Tensor]:
+    return torch.zeros(batch, agent.hparams.obs_dim), torch.zeros(_sized(noise_shape, batch))
 
 
 def export_policy(agent: nn.Module, path: str | Path, info: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -114,9 +119,9 @@ def export_policy(agent: nn.Module, path: str | Path, info: dict[str, Any] | Non
     obs_dim, chunk_dim, horizon = int(hp.obs_dim), int(hp.action_dim), int(hp.horizon)
     batch = torch.export.Dim("batch", min=1)
     noise_axis = policy.noise_shape.index("batch")
-    example = (torch.zeros(2, obs_dim), torch.zeros(_sized(policy.noise_shape, 2)))
     with torch.no_grad():
-        program = torch.export.export(policy, example, dynamic_shapes=({0: batch}, {noise_axis: batch}))
+        program = torch.export.export(policy, _example_inputs(policy.agent, policy.noise_shape),
+                                      dynamic_shapes=({0: batch}, {noise_axis: batch}))  # fmt: skip
     meta = {
         "format": FORMAT,
         "agent": type(agent).__name__,
@@ -128,9 +133,9 @@ def export_policy(agent: nn.Module, path: str | Path, info: dict[str, Any] | Non
         "chunk_dim": chunk_dim,
         "noise_shape": policy.noise_shape,
         "noise": "standard normal; the same noise gives the same action chunk",
-        "draws_inside": type(agent).__name__ == "QAME",  # its edit draws its own eps from torch's global generator
+        "draws_inside": policy.agent.acting_draws_noise,  # from torch's global generator (QAM-E's edit)
         "flow_steps": int(hp.flow_steps),
-        "action_clip": 1.0,
+        "action_clip": ACTION_CLIP,
         "trqam_lit_version": __version__,
         "torch_version": torch.__version__,
         **(info or {}),

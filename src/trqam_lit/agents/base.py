@@ -42,6 +42,7 @@ class FlowAgent(pl.LightningModule):
     """
 
     uses_critic: bool = True
+    acting_draws_noise: bool = False  # policy_actions draws more noise itself (QAM-E's edit)
 
     def __init__(
         self,
