@@ -12,3 +12,36 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     import torch
 
     torch.set_num_threads(1)
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--shuffle",
+        type=int,
+        default=None,
+        metavar="SEED",
+        help="run the test files in a shuffled order, and each file's tests in a shuffled order (seeded, so every "
+        "xdist worker collects the same order); the suite must pass in any order",
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    seed = config.getoption("--shuffle")
+    if seed is None:
+        return
+    import random
+
+    rng = random.Random(seed)
+    files: dict[str, list] = {}
+    for item in items:
+        files.setdefault(item.nodeid.split("::")[0], []).append(item)
+    order = list(files)
+    rng.shuffle(order)
+    for name in order:
+        rng.shuffle(files[name])
+    items[:] = [item for name in order for item in files[name]]
+
+
+def pytest_report_header(config):
+    seed = config.getoption("--shuffle")
+    return None if seed is None else f"test order shuffled with seed {seed} (--shuffle {seed})"

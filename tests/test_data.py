@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import zipfile
+from pathlib import Path
 from types import SimpleNamespace
 
 os.environ.setdefault("MUJOCO_GL", "disable")
@@ -397,16 +398,7 @@ def test_trainer_fits_from_fixture(tmp_path) -> None:
 
 
 def test_shard_directory_cycles_every_n_steps(tmp_path) -> None:
-    with np.load(fixture_dir() / "cube-single-play-v0.npz") as f:
-        raw = {k: f[k] for k in f.files}
-    ends = np.flatnonzero(raw["terminals"]) + 1
-    bounds = [(0, ends[0]), (ends[0], ends[2]), (ends[2], ends[5])]  # 1, 2 and 3 episodes
-    shard_dir = tmp_path / "cube-single-play-100m-v0"
-    shard_dir.mkdir()
-    for i, (a, b) in enumerate(bounds):
-        np.savez_compressed(shard_dir / f"shard-{i:03d}.npz", **{k: v[a:b] for k, v in raw.items()})
-    np.savez_compressed(shard_dir / "shard-000-val.npz", **{k: v[:250] for k, v in raw.items()})  # ignored
-    sizes = [(b - a) - (b - a) // 250 for a, b in bounds]
+    shard_dir, sizes = _write_shards(tmp_path)
 
     for rank in (0, 1):
         dm = OGBenchDataModule(env_name=CUBE, dataset_path=str(shard_dir), batch_size=8, shard_steps=2)
@@ -423,6 +415,52 @@ def test_shard_directory_cycles_every_n_steps(tmp_path) -> None:
             # every observation of the batch comes from that shard
             rows = (batch["observations"].numpy()[:, None, :] == table.observations[None]).all(-1).any(-1)
             assert rows.all(), (rank, step)
+
+
+def _write_shards(tmp_path) -> tuple[Path, list[int]]:
+    """Three shards of 1, 2 and 3 cube-single episodes (and a val file the directory loader ignores)."""
+    with np.load(fixture_dir() / "cube-single-play-v0.npz") as f:
+        raw = {k: f[k] for k in f.files}
+    ends = np.flatnonzero(raw["terminals"]) + 1
+    bounds = [(0, ends[0]), (ends[0], ends[2]), (ends[2], ends[5])]  # 1, 2 and 3 episodes
+    shard_dir = tmp_path / "cube-single-play-100m-v0"
+    shard_dir.mkdir()
+    for i, (a, b) in enumerate(bounds):
+        np.savez_compressed(shard_dir / f"shard-{i:03d}.npz", **{k: v[a:b] for k, v in raw.items()})
+    np.savez_compressed(shard_dir / "shard-000-val.npz", **{k: v[:250] for k, v in raw.items()})  # ignored
+    return shard_dir, [(b - a) - (b - a) // 250 for a, b in bounds]
+
+
+def test_shard_prefetch_thread_parses_no_ast(tmp_path, monkeypatch) -> None:
+    """np.load parses every .npy header with ast.literal_eval, and on CPython 3.11.0-3.11.7 / 3.12.0-3.12.1 two
+    threads building ASTs at once can make one raise SystemError (gh-106905; it failed this file's shard test under
+    -n auto). The prefetch thread therefore only decompresses: every AST is built in the sampling thread, and the
+    prefetched shard equals the one read directly."""
+    import ast
+    import threading
+
+    from trqam_lit.data.datamodule import ShardCycler
+
+    shard_dir, sizes = _write_shards(tmp_path)
+    paths = sorted(shard_dir.glob("shard-00?.npz"))
+    direct = [load_table(p, CUBE) for p in paths]
+    parsing_threads: set[str] = set()
+    real_parse = ast.parse
+
+    def recording_parse(*args, **kwargs):
+        parsing_threads.add(threading.current_thread().name)
+        return real_parse(*args, **kwargs)
+
+    monkeypatch.setattr(ast, "parse", recording_parse)
+    cycler = ShardCycler(paths, CUBE, compact=False, sparse=False, prefetch=True)
+    for i in (0, 1, 2, 0):
+        table = cycler.get(i)
+        assert len(table) == sizes[i]
+        for k in ("observations", "actions", "rewards", "masks", "terminals", "next_observations"):
+            np.testing.assert_array_equal(getattr(table, k), getattr(direct[i], k), err_msg=k)
+        assert list(cycler._pending) == [(i + 1) % 3]  # the next shard was handed to the prefetch thread
+        cycler._pending[(i + 1) % 3].result()
+    assert parsing_threads == {threading.current_thread().name}
 
 
 # ---------------------------------------------------------------- replay buffer

@@ -8,13 +8,19 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from trqam_lit.data.chunks import ChunkTable
 from trqam_lit.data.errors import DatasetNotFoundError
-from trqam_lit.data.loading import check_dataset_file, env_spaces, load_table, process_dataset, read_dataset
+from trqam_lit.data.loading import (
+    check_dataset_file,
+    decompress_npz,
+    env_spaces,
+    load_table,
+    process_dataset,
+    read_dataset,
+)
 from trqam_lit.data.paths import dataset_name_for, expected_files, missing_dataset_message, resolve_dataset_dir
 from trqam_lit.data.replay import (
     DEFERRED_KEY,
@@ -64,24 +70,24 @@ class ShardCycler:
         # DataLoader workers get the paths only; each loads its own shards.
         return {**self.__dict__, "_current": None, "_pending": {}, "_executor": None}
 
-    def _read(self, i: int) -> dict[str, np.ndarray]:
-        return read_dataset(self.paths[i], self.env_name, compact=self.compact)
-
     def get(self, i: int) -> ChunkTable:
         """Table of shard ``i mod len(paths)``, waiting for its prefetch if one is running."""
         i %= len(self.paths)
         if self._current is None or self._current[0] != i:
             future = self._pending.pop(i, None)
             self._current = None  # free the old shard before the new one is complete in memory
-            raw = future.result() if future is not None else self._read(i)
-            # Relabelling resets the shared env: keep it in the sampling thread, only file reading is prefetched.
+            # The background thread only decompresses (decompress_npz: no ast, see there); headers are parsed
+            # and the env relabels here, in the sampling thread.
+            data = future.result() if future is not None else None
+            raw = read_dataset(self.paths[i], self.env_name, compact=self.compact, data=data)
+            del data
             table = process_dataset(raw, self.env_name, sparse=self.sparse, source=str(self.paths[i]))
             self._current = (i, table)
         nxt = (i + 1) % len(self.paths)
         if self.prefetch and nxt != i and nxt not in self._pending:
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trqam-shard")
-            self._pending = {nxt: self._executor.submit(self._read, nxt)}
+            self._pending = {nxt: self._executor.submit(decompress_npz, self.paths[nxt])}
         return self._current[1]
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
 import os
 import warnings
 import zipfile
@@ -118,18 +119,53 @@ def check_dataset_file(path: str | os.PathLike, env_name: str) -> int:
     return int(n)
 
 
-def read_dataset(path: str | os.PathLike, env_name: str, *, compact: bool = False) -> dict[str, np.ndarray]:
-    """Check a file and read it with ``ogbench.load_dataset(..., add_info=True)``; touches no environment, so
-    it may run in a background thread (the shard prefetcher)."""
+def decompress_npz(path: str | os.PathLike) -> io.BytesIO:
+    """The ``.npz`` at ``path`` decompressed into memory, as an uncompressed archive that ``np.load`` reads.
+
+    The slow part of reading a compressed file (disk and zlib), done with ``zipfile`` alone: nothing here parses
+    an ``.npy`` header, so no ``ast`` call. That makes it safe in a background thread (the shard prefetcher) on
+    CPython 3.11.0-3.11.7 and 3.12.0-3.12.1, where two threads building ASTs at once can make one of them raise
+    ``SystemError: AST constructor recursion depth mismatch`` (gh-106905), and ``np.load`` parses every header
+    with ``ast.literal_eval``.
+
+    Raises:
+        DatasetFormatError: the file is not a readable archive.
+    """
+    out = io.BytesIO()
+    try:
+        with zipfile.ZipFile(path) as src, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as dst:
+            for name in src.namelist():
+                dst.writestr(name, src.read(name))
+    except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as e:
+        raise DatasetFormatError(_damaged(path, e)) from e
+    out.seek(0)
+    return out
+
+
+def read_dataset(
+    path: str | os.PathLike, env_name: str, *, compact: bool = False, data: io.BytesIO | None = None
+) -> dict[str, np.ndarray]:
+    """Check a file and read it with ``ogbench.load_dataset(..., add_info=True)``.
+
+    Args:
+        path: the ``.npz``; its headers are checked against ``env_name``.
+        env_name: single-task env name.
+        compact: the compact layout (``valids`` instead of ``next_observations``).
+        data: the file's content from :func:`decompress_npz`, read instead of the file (the shard prefetcher
+            decompresses in the background and calls this in the sampling thread: it parses ``.npy`` headers).
+    """
     import ogbench
 
     check_dataset_file(path, env_name)
+    source = path if data is None else data
     try:
-        with np.load(path) as f:
+        with np.load(source) as f:
             raw_terminals = f["terminals"]
         if not raw_terminals[-1]:
             raise DatasetFormatError(f"{path}: the last row is not a trajectory end (terminals[-1] == 0); truncated?")
-        ds = ogbench.load_dataset(str(path), compact_dataset=compact, add_info=True)
+        if data is not None:
+            data.seek(0)
+        ds = ogbench.load_dataset(str(path) if data is None else data, compact_dataset=compact, add_info=True)
     except DatasetFormatError:
         raise
     except (zipfile.BadZipFile, zlib.error, ValueError, OSError, EOFError, KeyError) as e:
