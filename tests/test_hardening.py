@@ -18,7 +18,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 
 import trqam_lit
 from trqam_lit.agents import BC, QAM, TRQAM
-from trqam_lit.callbacks import DualDescentStep
+from trqam_lit.agents.update_guard import AppliedUpdate
 from trqam_lit.data import OGBenchDataModule
 from trqam_lit.data.errors import DatasetFormatError
 from trqam_lit.rng import EVAL_NOISE, seeded
@@ -228,8 +228,8 @@ def test_the_dual_step_is_a_callback_that_runs_before_model_checkpoint(tmp_path)
                          callbacks=[pl.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1)])  # fmt: skip
     trainer.fit(model, datamodule=dm)
     kinds = [type(c) for c in trainer.callbacks]
-    assert DualDescentStep in kinds
-    assert kinds.index(DualDescentStep) < kinds.index(pl.callbacks.ModelCheckpoint)
+    assert AppliedUpdate in kinds
+    assert kinds.index(AppliedUpdate) < kinds.index(pl.callbacks.ModelCheckpoint)
     assert model.dual.lam.item() != 1.0
     saved = torch.load(tmp_path / "epoch=0-step=4.ckpt", map_location="cpu", weights_only=False)
     assert saved["state_dict"]["dual.lam"].item() == model.dual.lam.item()

@@ -120,29 +120,6 @@ class StepsPerSecond(pl.Callback):
         self._t0, self._step0 = time.perf_counter(), trainer.global_step
 
 
-class DualDescentStep(pl.Callback):
-    """The dual-descent step on lambda, in ``on_train_batch_end`` (the adjoint-matching agents install it).
-
-    Lightning runs every callback's ``on_train_batch_end`` after the optimizer step and before the module's, and
-    keeps ``ModelCheckpoint`` last, so a checkpoint of step k holds the lambda and KL average of step k. The KL is
-    the rank-averaged estimate of an update that was applied (none after a skipped, non-finite step), so lambda
-    stays identical on every rank. Logs ``dual/kl`` for every such agent; ``dual/kl_clipped``, ``dual/kl_ema`` and
-    ``dual/lambda`` for one with a ``dual`` (TRQAM).
-    """
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx) -> None:
-        kl = pl_module.take_update_kl()
-        if kl is None:
-            return
-        values = {"dual/kl": kl}
-        dual = getattr(pl_module, "dual", None)
-        if dual is not None:
-            if pl_module.hparams.dual_update:
-                values["dual/kl_clipped"] = dual.step(kl)
-            values.update({"dual/kl_ema": dual.kl_ema, "dual/lambda": dual.lam})
-        pl_module.log_step(values, prog_bar=["dual/kl_ema", "dual/lambda"])
-
-
 class MatmulPrecision(pl.Callback):
     """Opt-in reduced internal precision of float32 matrix multiplications (off by default): every tensor, the SDE
     states, the adjoints, the KL and the optimizer stay float32; only the products inside matmuls are rounded.

@@ -8,12 +8,10 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
 from ..adjoint import AMOutput, adjoint_matching_objective
-from ..callbacks import DualDescentStep
 from ..flow import ACTION_CLIP, sample_actions
 from ..nets import VelocityField
 from ..sde import FlowSDE, Solver, rollout_fused_with_ode
@@ -171,6 +169,3 @@ class AdjointMatchingAgent(FlowAgent):
         if self.analytic_q is not None:
             loss = self.touch_unused(loss, self.critic)
         return loss
-
-    def configure_callbacks(self) -> list[pl.Callback]:
-        return [DualDescentStep()]

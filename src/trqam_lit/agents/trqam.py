@@ -11,8 +11,9 @@ from .adjoint_matching import AdjointMatchingAgent
 
 
 class TRQAM(AdjointMatchingAgent):
-    """Trust Region Q-Adjoint Matching; lambda and its KL average are buffers that the ``DualDescentStep`` callback
-    steps in ``on_train_batch_end`` after each applied update."""
+    """Trust Region Q-Adjoint Matching; lambda and its KL average are non-gradient buffers (``self.dual``) moved by
+    one projected dual-descent step after each applied update (``after_update``, called in ``on_train_batch_end`` by
+    the ``AppliedUpdate`` callback, before ModelCheckpoint saves)."""
 
     ft_starts_at_prior = True  # the trust region is measured from the prior: v_ft, v_base and v_bc start equal
 
@@ -54,3 +55,11 @@ class TRQAM(AdjointMatchingAgent):
     @property
     def adj_scale(self) -> float:
         return 1.0  # TRQAM: no temperature on the terminal adjoint
+
+    def after_update(self, kl: Tensor) -> dict[str, Tensor]:
+        """The dual step on lambda with the applied update's rank-averaged path-KL estimate; returns the ``dual/*``
+        scalars (``dual/kl_clipped`` only when lambda moves)."""
+        values = super().after_update(kl)
+        if self.hparams.dual_update:
+            values["dual/kl_clipped"] = self.dual.step(kl)
+        return {**values, "dual/kl_ema": self.dual.kl_ema, "dual/lambda": self.dual.lam}
