@@ -20,11 +20,11 @@ from torch import Tensor, nn
 
 from ..nets import CriticEnsemble, VelocityField
 from .bc_weights import load_bc_weights
+from .checks import check_hparams, check_trainer
 from .draws import RandomStreams
 from .evaluating import EVAL_METRICS, Evaluating
 from .shared_losses import SharedLosses
 from .step_logging import StepLogging
-from .trainer_checks import check_trainer
 from .update_guard import UpdateGuard
 
 __all__ = ["EVAL_METRICS", "FlowAgent"]
@@ -89,17 +89,7 @@ class FlowAgent(UpdateGuard, RandomStreams, SharedLosses, StepLogging, Evaluatin
         """
         super().__init__()
         self.save_hyperparameters()
-        if obs_dim <= 0 or action_dim <= 0:
-            raise ValueError(
-                f"obs_dim and action_dim must be positive (got {obs_dim}, {action_dim}); they are linked from the "
-                "DataModule by `trqam-lit`, or pass them explicitly when building the model in Python"
-            )
-        if flow_steps < 2:
-            raise ValueError(f"flow_steps must be at least 2, got {flow_steps}")
-        if max_nonfinite_steps < 1:
-            raise ValueError(f"max_nonfinite_steps must be >= 1, got {max_nonfinite_steps}")
-        if grad_clip_norm is not None and not grad_clip_norm > 0:
-            raise ValueError(f"grad_clip_norm must be positive or None (no clip), got {grad_clip_norm}")
+        check_hparams(obs_dim, action_dim, flow_steps, max_nonfinite_steps, grad_clip_norm)
         self.v_bc = VelocityField(obs_dim, action_dim, actor_hidden_dims, actor_layer_norm)
         self.build_policy()  # between v_bc and the critics: the order sets the initial weights of a seed
         if self.uses_critic:

@@ -1,4 +1,4 @@
-"""Trainer settings the agents refuse or warn about, checked when a fit, validate or test sets up."""
+"""What the agents refuse or warn about: hyperparameters (at construction) and Trainer settings (at set-up)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,23 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from .. import hardware
+
+
+def check_hparams(
+    obs_dim: int, action_dim: int, flow_steps: int, max_nonfinite_steps: int, grad_clip_norm: float | None
+) -> None:
+    """Raises ValueError naming the first impossible setting of FlowAgent's constructor."""
+    if obs_dim <= 0 or action_dim <= 0:
+        raise ValueError(
+            f"obs_dim and action_dim must be positive (got {obs_dim}, {action_dim}); they are linked from the "
+            "DataModule by `trqam-lit`, or pass them explicitly when building the model in Python"
+        )
+    if flow_steps < 2:
+        raise ValueError(f"flow_steps must be at least 2, got {flow_steps}")
+    if max_nonfinite_steps < 1:
+        raise ValueError(f"max_nonfinite_steps must be >= 1, got {max_nonfinite_steps}")
+    if grad_clip_norm is not None and not grad_clip_norm > 0:
+        raise ValueError(f"grad_clip_norm must be positive or None (no clip), got {grad_clip_norm}")
 
 
 def check_trainer(trainer: pl.Trainer, device: torch.device, stage: str) -> None:
