@@ -1,5 +1,5 @@
-"""Training throughput (steps/s, peak memory) of BC, TRQAM, QAM, QAM-F, QAM-E, FQL, IFQL, DSRL and CGQL-L, and
-evaluation environment steps/s.
+"""Training throughput (steps/s, peak memory) of every agent of trqam_lit.agents.AGENTS, and evaluation environment
+steps/s.
 
     python benchmarks/throughput.py                       # every setting, CPU
     python benchmarks/throughput.py --settings cpu-small-b64 --agents trqam --solvers fused torchsde
@@ -32,8 +32,14 @@ SETTINGS = {
     "cpu-small-b256": (256, 37, 25, 5, 256, 2, 10),
     "cpu-small-b64": (64, 37, 25, 5, 256, 2, 10),
 }
-AGENTS = ["bc", "trqam", "qam", "qam-f", "qam-e", "fql", "ifql", "dsrl", "cgql"]
-SDE_AGENTS = ("trqam", "qam", "qam-f", "qam-e")  # the agents that have an SDE solver to choose
+
+
+def registry() -> tuple[dict, set[str]]:
+    """(trqam_lit.agents.AGENTS, the names of the agents that have an SDE solver to choose); imported when asked,
+    so a measurement's import of torch and Lightning counts towards its first step."""
+    from trqam_lit.agents import AGENTS, AdjointMatchingAgent
+
+    return AGENTS, {name for name, cls in AGENTS.items() if issubclass(cls, AdjointMatchingAgent)}
 
 
 def measure(
@@ -52,7 +58,6 @@ def measure(
     import torch
     from torch.utils.data import DataLoader, IterableDataset
 
-    from trqam_lit.agents import BC, CGQL, DSRL, FQL, IFQL, QAM, QAME, QAMF, TRQAM
     from trqam_lit.callbacks import MatmulPrecision
 
     batch, obs, act, horizon, width, critics, K = SETTINGS[setting]
@@ -91,20 +96,12 @@ def measure(
                 self.marks.append(time.perf_counter())
 
     common = dict(obs_dim=obs, action_dim=act, horizon=horizon, actor_hidden_dims=[width] * 4, flow_steps=K)
-    if agent == "bc":
-        model = BC(**common)
-    elif agent == "fql":
-        model = FQL(**common, critic_hidden_dims=[width] * 4, num_critics=critics)  # reference alpha, no solver
-    elif agent == "ifql":
-        model = IFQL(**common, critic_hidden_dims=[width] * 4, num_critics=critics)  # reference kappa, no solver
-    elif agent == "dsrl":
-        model = DSRL(**common, critic_hidden_dims=[width] * 4, num_critics=critics)  # reference noise_scale, no solver
-    elif agent == "cgql":
-        model = CGQL(**common, critic_hidden_dims=[width] * 4, num_critics=critics)  # default coefficients, no solver
-    else:
-        rl = dict(critic_hidden_dims=[width] * 4, num_critics=critics, sde_solver=solver, compile_step=compiled)
-        cls = {"trqam": TRQAM, "qam": QAM, "qam-f": QAMF, "qam-e": QAME}[agent]  # the variants at their defaults
-        model = cls(**common, **rl)
+    agents, sde_agents = registry()
+    cls = agents[agent]  # every agent at its defaults
+    rl = dict(critic_hidden_dims=[width] * 4, num_critics=critics) if cls.uses_critic else {}
+    if agent in sde_agents:
+        rl.update(sde_solver=solver, compile_step=compiled)
+    model = cls(**common, **rl)
     timer = Timer()
     trainer = pl.Trainer(
         accelerator="gpu" if device == "cuda" else "cpu",
@@ -123,7 +120,7 @@ def measure(
     out = {
         "setting": setting,
         "agent": agent,
-        "solver": solver if agent in SDE_AGENTS else None,
+        "solver": solver if agent in sde_agents else None,
         "device": device,
         "precision": precision,
         "compiled": compiled,
@@ -218,7 +215,8 @@ def measure_eval(env_name: str, num_envs: int, episodes: int, horizon: int, widt
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--settings", nargs="*", default=list(SETTINGS), choices=list(SETTINGS))
-    parser.add_argument("--agents", nargs="*", default=AGENTS, choices=AGENTS)
+    agents, sde_agents = registry()
+    parser.add_argument("--agents", nargs="*", default=list(agents), choices=list(agents))
     parser.add_argument("--solvers", nargs="*", default=["fused", "torchsde"], choices=["fused", "torchsde"])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
@@ -253,7 +251,7 @@ def main() -> None:
         return
     for setting in args.settings:
         for agent in args.agents:
-            for solver in args.solvers if agent in SDE_AGENTS else ["fused"]:
+            for solver in args.solvers if agent in sde_agents else ["fused"]:
                 one = f"{setting},{agent},{solver}"
                 cmd = [sys.executable, __file__, "--one", one, "--steps", str(args.steps), "--warmup", str(args.warmup)]
                 cmd += ["--repeats", str(args.repeats)]

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from helpers import CONFIGS, REPO, assert_kl_is_the_rank_mean, fast_trainer_args, run_cli
+from trqam_lit.agents import AGENTS
 
 
 def ddp_toy_run(run_dir, *extra: str, env: dict | None = None) -> tuple[dict, dict]:
@@ -57,10 +58,10 @@ def test_the_compiled_step_under_ddp_keeps_every_rank_identical_and_equals_the_e
 
 # One baseline in the default run (the DDP machinery is the shared base's; each agent's own state is covered by its
 # fast tests), every one with -m slow: ~15 s each on 2 cores keeps the default suite in its budget.
-BASELINES = ["QAMF", "FQL", "IFQL", "QAME", "DSRL", "CGQL"]
+BASELINES = [name for name in AGENTS if name not in ("bc", "trqam", "qam")]  # TRQAM, QAM: the tests above
 
 
-@pytest.mark.parametrize("agent", [a if a == "QAMF" else pytest.param(a, marks=pytest.mark.slow) for a in BASELINES])
+@pytest.mark.parametrize("agent", [a if a == "qam-f" else pytest.param(a, marks=pytest.mark.slow) for a in BASELINES])
 def test_two_process_ddp_baselines_keep_every_rank_identical(agent, tmp_path):
     """Each baseline under 2-process DDP through a BC warm-up (idle networks touched) into its own losses: every
     parameter and buffer ends identical on both ranks, while each rank drew its own noise."""
@@ -68,7 +69,7 @@ def test_two_process_ddp_baselines_keep_every_rank_identical(agent, tmp_path):
     env = {"PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
     args = [
         "fit", "--config", str(CONFIGS / "toy" / "bandit.yaml"), *fast_trainer_args(tmp_path, 10, 10),
-        f"--model=trqam_lit.agents.{agent}", "--model.init_args.bc_warmup_steps=3",
+        f"--model=trqam_lit.agents.{AGENTS[agent].__name__}", "--model.init_args.bc_warmup_steps=3",
         "--model.init_args.analytic_critic=false", "--trainer.strategy=ddp", "--trainer.devices=2",
         "--trainer.accelerator=cpu", "--data.init_args.batch_size=32", "--data.init_args.eval_samples=64",
         "--trainer.callbacks+=helpers.StateDump", f"--trainer.callbacks.dirpath={dump}",

@@ -14,7 +14,6 @@ from trqam_lit.export import META, export_checkpoint, export_policy, load_policy
 from trqam_lit.flow import sample_actions
 
 SMALL = dict(obs_dim=5, action_dim=6, horizon=2, actor_hidden_dims=[16, 16], critic_hidden_dims=[16, 16], num_critics=2)
-EXPORTABLE = ["BC", "TRQAM", "QAM", "QAME", "QAMF", "FQL", "DSRL", "IFQL", "CGQL"]
 
 
 def perturbed(agent: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -32,9 +31,10 @@ def noise_for(meta: dict, batch: int, seed: int = 1) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("name", EXPORTABLE)
+@pytest.mark.parametrize("name", list(agents.AGENTS))  # every agent exports
 def test_the_file_gives_the_agents_own_action_chunks_at_any_batch_size(tmp_path, name):
-    agent = perturbed(getattr(agents, name)(**SMALL)).eval()
+    agent = perturbed(agents.AGENTS[name](**SMALL)).eval()
+    name = type(agent).__name__
     meta = export_policy(agent, tmp_path / "policy.pt2")
     policy = load_policy(tmp_path / "policy.pt2")
     assert policy.meta == meta and meta["agent"] == name and meta["policy"] == "fine-tuned"

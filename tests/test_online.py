@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from helpers import CONFIGS, REPO, assert_kl_is_the_rank_mean, fast_trainer_args, read_scalars, run_cli
+from trqam_lit.agents import AGENTS
 from trqam_lit.cli import build_cli
 from trqam_lit.data import ReplayBuffer, fixture_path, load_table
 from trqam_lit.online import OnlinePhase
@@ -213,16 +214,16 @@ def toy_fit(root, *extra: str):
 
 
 # BC, QAM and one policy of each other kind (a one-step policy: FQL) in the default run; the rest with -m slow.
-ONLINE_AGENTS = ["BC", "QAM", "FQL", "IFQL", "QAMF", "QAME", "DSRL", "CGQL"]
+ONLINE_AGENTS = [name for name in AGENTS if name != "trqam"]  # TRQAM: the tests above
 
 
 @pytest.mark.parametrize(
-    "agent", [a if a in ("BC", "QAM", "FQL") else pytest.param(a, marks=pytest.mark.slow) for a in ONLINE_AGENTS]
+    "agent", [a if a in ("bc", "qam", "fql") else pytest.param(a, marks=pytest.mark.slow) for a in ONLINE_AGENTS]
 )
 def test_other_agents_run_the_online_phase_unchanged(agent, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    extra = ["--model.init_args.bc_warmup_steps=0"] if agent != "BC" else []
-    scalars = toy_fit(tmp_path, f"--model=trqam_lit.agents.{agent}", "--trainer.max_steps=20", *extra,
+    extra = ["--model.init_args.bc_warmup_steps=0"] if agent != "bc" else []
+    scalars = toy_fit(tmp_path, f"--model=trqam_lit.agents.{AGENTS[agent].__name__}", "--trainer.max_steps=20", *extra,
                       "--online.online_steps=30", "--online.start_training=5", "--trainer.val_check_interval=1000",
                       "--trainer.log_every_n_steps=5")  # fmt: skip
     assert dict(scalars["online/env_steps"])[max(dict(scalars["online/env_steps"]))] == 30

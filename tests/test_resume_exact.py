@@ -20,26 +20,21 @@ import pytest
 import torch
 
 from helpers import CONFIGS, read_scalars, run_cli
+from trqam_lit.agents import AGENTS
 
 QUICK = str(CONFIGS / "quickstart.yaml")
 CUBE = "cube-single-play-singletask-task5-v0"  # the fixture with the shortest episodes (the quickstart's are 750)
 
 
-# agent -> (its options on top of the quickstart, BC warm-up steps, total steps (killed at half), the scalars whose
-# curves must coincide after the resume). The other agents run shorter: their state has no running average to carry.
-AGENTS = {
-    "TRQAM": ([], 100, 300, ("actor/am_loss", "critic/critic_loss", "dual/kl", "dual/lambda")),
-    "FQL": (["--model=trqam_lit.agents.FQL"], 40, 200, ("actor/distill_loss", "actor/q_loss", "critic/critic_loss")),
-    "IFQL": (["--model=trqam_lit.agents.IFQL"], 40, 200, ("value/value_loss", "critic/critic_loss", "actor/bc_loss")),
-    "QAMF": (["--model=trqam_lit.agents.QAMF"], 40, 200, ("actor/am_loss", "actor/distill_loss", "actor/q_loss")),
-    "QAME": (["--model=trqam_lit.agents.QAME"], 40, 200, ("actor/am_loss", "actor/edit_q_loss", "actor/edit_alpha")),
-    "DSRL": (["--model=trqam_lit.agents.DSRL"], 40, 200, ("critic/distill_loss", "actor/actor_loss", "actor/alpha")),
-    "CGQL": (["--model=trqam_lit.agents.CGQL"], 40, 200, ("critic/noisy_critic_loss", "critic/critic_loss")),
-}
+# registry name -> (BC warm-up steps, total steps (killed at half)); every scalar the agent logs must coincide after
+# the resume. The other agents run shorter: their state has no running average to carry. BC and QAM: their state is
+# a part of the others'.
+RUNS = {"trqam": (100, 300), **{name: (40, 200) for name in AGENTS if name not in ("bc", "trqam", "qam")}}
 
 
 def args(root: Path, agent: str, *extra: str) -> list[str]:
-    options, warmup, steps, _ = AGENTS[agent]
+    warmup, steps = RUNS[agent]
+    options = [] if agent == "trqam" else [f"--model=trqam_lit.agents.{AGENTS[agent].__name__}"]  # the quickstart's
     return [
         "fit", "--config", QUICK, f"--data.init_args.env_name={CUBE}", *options,
         f"--model.init_args.bc_warmup_steps={warmup}",
@@ -69,9 +64,10 @@ def assert_equal_states(a: dict, b: dict, steps: int) -> None:
 
 # TRQAM in the default run; the others (~45 s each on 2 cores: three processes) with -m slow, to keep the default suite
 # in its budget (the machinery under test is the shared base's; their fast tests cover their own state).
-@pytest.mark.parametrize("agent", [a if a == "TRQAM" else pytest.param(a, marks=pytest.mark.slow) for a in AGENTS])
+@pytest.mark.parametrize("agent", [a if a == "trqam" else pytest.param(a, marks=pytest.mark.slow) for a in RUNS])
 def test_a_killed_and_resumed_run_equals_an_uninterrupted_one(agent, tmp_path):
-    _, _, steps, tags = AGENTS[agent]
+    _, steps = RUNS[agent]
+    tags = AGENTS[agent].logged_scalars()
     half = steps // 2
     straight = run_cli(args(tmp_path / "straight", agent), cwd=tmp_path)
     assert straight.returncode == 0, straight.stderr[-3000:]
@@ -106,5 +102,5 @@ def test_a_killed_and_resumed_run_equals_an_uninterrupted_one(agent, tmp_path):
     for tag in tags:
         late = [(s, v) for s, v in a[tag] if s >= half]
         assert late and late == [(s, v) for s, v in b[tag] if s >= half], tag
-    if agent == "TRQAM":
+    if agent == "trqam":
         assert pytest.approx(dict(a["dual/lambda"])[steps - 1]) == dict(b["dual/lambda"])[steps - 1]

@@ -10,6 +10,20 @@ from .ifql import IFQL
 from .qam import QAM
 from .qam_e import QAME
 from .qam_f import QAMF
+from .registry import AGENTS
 from .trqam import TRQAM
 
-__all__ = ["BC", "CGQL", "DSRL", "FQL", "IFQL", "QAM", "QAME", "QAMF", "TRQAM", "AdjointMatchingAgent", "FlowAgent"]
+__all__ = [
+    "AGENTS",
+    "BC",
+    "CGQL",
+    "DSRL",
+    "FQL",
+    "IFQL",
+    "QAM",
+    "QAME",
+    "QAMF",
+    "TRQAM",
+    "AdjointMatchingAgent",
+    "FlowAgent",
+]

@@ -28,6 +28,8 @@ class AdjointMatchingAgent(FlowAgent):
     and its prior v_base, the polyak copy of v_bc.
     """
 
+    scalars = ("critic/critic_loss", "critic/q_mean", "critic/q_min", "actor/am_loss", "actor/adj_max", "dual/kl")
+
     # Whether v_ft starts equal to v_bc (and v_base) when neither a BC warm-up nor init_from sets it: TRQAM's trust
     # region is measured from the prior, so it must start there; QAM's reference trains v_ft from its own init.
     ft_starts_at_prior: bool = False

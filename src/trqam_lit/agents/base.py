@@ -39,6 +39,7 @@ class FlowAgent(UpdateGuard, RandomStreams, SharedLosses, StepLogging, Evaluatin
     """
 
     uses_critic: bool = True
+    scalars = ("actor/bc_loss", "train/grad_norm", "train/nonfinite_steps")
     acting_draws_noise: bool = False  # policy_actions draws more noise itself (QAM-E's edit)
 
     def __init__(

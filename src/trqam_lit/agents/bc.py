@@ -10,6 +10,9 @@ from .base import FlowAgent
 class BC(FlowAgent):
     """Behaviour cloning of the action-chunk flow policy (spec method.md section 1)."""
 
+    label = "BC"
+    scalars = ()
+
     uses_critic = False
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:

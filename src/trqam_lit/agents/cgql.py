@@ -129,6 +129,16 @@ class CGQL(FlowAgent):
     ``init_from`` sets v_base from v_bc; during a warm-up v_bc acts with its plain ODE (the critic is untrained).
     """
 
+    label = "CGQL-L"
+    scalars = (
+        "critic/critic_loss",
+        "critic/q_mean",
+        "critic/q_min",
+        "critic/q_max",
+        "critic/noisy_critic_loss",
+        "critic/exp_bias",
+    )
+
     def __init__(
         self,
         inv_temp: float = 10.0,

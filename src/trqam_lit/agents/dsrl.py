@@ -73,6 +73,20 @@ class DSRL(FlowAgent):
     warm-up or ``init_from`` sets v_base from v_bc; the noise policy and Q_z train from their own init.
     """
 
+    label = "DSRL"
+    scalars = (
+        "critic/critic_loss",
+        "critic/q_mean",
+        "critic/q_min",
+        "critic/q_max",
+        "critic/distill_loss",
+        "actor/actor_loss",
+        "actor/alpha",
+        "actor/alpha_loss",
+        "actor/entropy",
+        "actor/action_std",
+    )
+
     def __init__(
         self,
         noise_scale: float = 1.0,

@@ -29,6 +29,16 @@ class FQL(FlowAgent):
     only: mu has no time input, so it cannot start as a copy of v_bc; it is trained from its own init.
     """
 
+    label = "FQL"
+    scalars = (
+        "critic/critic_loss",
+        "critic/q_mean",
+        "critic/q_min",
+        "critic/q_max",
+        "actor/distill_loss",
+        "actor/q_loss",
+    )
+
     def __init__(self, alpha: float = 100.0, grad_clip_norm: float | None = None, **kwargs: Any) -> None:
         """
         Args:

@@ -26,6 +26,18 @@ class IFQL(FlowAgent):
     target). During a BC warm-up v_bc acts alone (the plain ODE); from then on best-of-N.
     """
 
+    label = "IFQL"
+    scalars = (
+        "critic/critic_loss",
+        "critic/q_mean",
+        "critic/q_min",
+        "critic/q_max",
+        "value/value_loss",
+        "value/v_mean",
+        "value/v_min",
+        "value/v_max",
+    )
+
     def __init__(
         self, kappa: float = 0.9, best_of_n: int = 32, grad_clip_norm: float | None = None, **kwargs: Any
     ) -> None:

@@ -10,6 +10,9 @@ from .adjoint_matching import AdjointMatchingAgent
 class QAM(AdjointMatchingAgent):
     """Q-learning with Adjoint Matching (spec method.md section 6): lambda_eff = 1, adj_K scaled by inv_temp."""
 
+    label = "QAM"
+    scalars = ()
+
     def __init__(self, inv_temp: float = 1.0, **kwargs: Any) -> None:
         """
         Args:

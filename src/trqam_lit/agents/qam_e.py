@@ -40,6 +40,15 @@ class QAME(QAM):
     A spec entry edit_scale = 0 is plain QAM: use ``trqam_lit.agents.QAM``.
     """
 
+    label = "QAM-E"
+    scalars = (
+        "actor/edit_q_loss",
+        "actor/edit_entropy",
+        "actor/edit_entropy_loss",
+        "actor/edit_alpha",
+        "actor/edit_alpha_loss",
+    )
+
     acting_draws_noise = True  # the edit's eps, from the acting stream (policy_actions)
 
     def __init__(self, edit_scale: float = 0.1, edit_target_entropy_multiplier: float = 0.5, **kwargs: Any) -> None:

@@ -26,6 +26,9 @@ class QAMF(QAM):
     mu trains from its own init. A spec entry fql_alpha = 0 is plain QAM: use ``trqam_lit.agents.QAM``.
     """
 
+    label = "QAM-F"
+    scalars = ("actor/distill_loss", "actor/q_loss")
+
     def __init__(self, fql_alpha: float = 30.0, **kwargs: Any) -> None:
         """
         Args:

@@ -3,12 +3,25 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 from torch import Tensor
 
 
 class StepLogging:
-    """Mixin of :class:`~trqam_lit.agents.base.FlowAgent` (a LightningModule)."""
+    """Mixin of :class:`~trqam_lit.agents.base.FlowAgent` (a LightningModule).
+
+    Each agent class names the per-step scalars it adds to its parents' in ``scalars``; ``logged_scalars()`` is
+    the whole set a fine-tuning step logs (tests check it against a real run's event file).
+    """
+
+    label: ClassVar[str] = ""  # the agent's name in the paper's tables
+    scalars: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def logged_scalars(cls) -> tuple[str, ...]:
+        """Every per-step scalar a fine-tuning step logs (after any BC warm-up), sorted."""
+        return tuple(sorted({name for c in cls.__mro__ for name in vars(c).get("scalars", ())}))
 
     @property
     def logging_this_step(self) -> bool:

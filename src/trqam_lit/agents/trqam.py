@@ -15,6 +15,9 @@ class TRQAM(AdjointMatchingAgent):
     one projected dual-descent step after each applied update (``after_update``, called in ``on_train_batch_end`` by
     the ``AppliedUpdate`` callback, before ModelCheckpoint saves)."""
 
+    label = "TRQAM"
+    scalars = ("dual/kl_clipped", "dual/kl_ema", "dual/lambda")
+
     ft_starts_at_prior = True  # the trust region is measured from the prior: v_ft, v_base and v_bc start equal
 
     def __init__(
