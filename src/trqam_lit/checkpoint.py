@@ -3,7 +3,6 @@ before loading (a damaged or foreign file stops with a message naming it, not a 
 
 from __future__ import annotations
 
-import os
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -11,32 +10,16 @@ from typing import Any
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from .atomic import atomic_write
+
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's torch checkpoint writer, made atomic: write ``<name>.partial``, then rename it over ``<name>``.
-
-    A rename within one directory is atomic on POSIX filesystems, so ``last.ckpt`` is always either the previous
-    complete checkpoint or the new complete one, whatever moment a SIGKILL strikes. Against a power cut or a kernel
-    crash the new file's bytes are flushed to disk before the rename, and the directory entry after it (without
-    that, a rename can reach the disk before the data it names, leaving ``last.ckpt`` empty after a reboot).
-    """
+    """Lightning's torch checkpoint writer, made atomic (``trqam_lit.atomic.atomic_write``): ``<name>.partial`` is
+    written, flushed and renamed over ``<name>``, so ``last.ckpt`` is always a complete checkpoint."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
-        path = Path(path)
-        partial = path.with_name(path.name + ".partial")
-        super().save_checkpoint(checkpoint, partial, storage_options)
-        _fsync(partial)
-        os.replace(partial, path)
-        _fsync(path.parent)
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file's (or a directory's entries') data to the disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        with atomic_write(path) as partial:
+            super().save_checkpoint(checkpoint, partial, storage_options)
 
 
 def check_checkpoint_file(path: str | Path | None, lightning: bool = False) -> None:

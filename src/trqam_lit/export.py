@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from . import __version__
+from .atomic import atomic_write
 from .flow import ACTION_CLIP
 
 FORMAT = "trqam-lit-policy/1"
@@ -141,12 +142,8 @@ def export_policy(agent: nn.Module, path: str | Path, info: dict[str, Any] | Non
         **(info or {}),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.partial.pt2")  # torch.export.save wants a .pt2 name
-    try:
-        torch.export.save(program, tmp, extra_files={META: json.dumps(meta, indent=1)})
-        tmp.replace(path)  # a crash while writing never leaves a half-written policy under the final name
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_write(path, suffix=".pt2") as partial:  # torch.export.save wants a .pt2 name
+        torch.export.save(program, partial, extra_files={META: json.dumps(meta, indent=1)})
     return meta
 
 

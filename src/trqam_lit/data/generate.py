@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from trqam_lit.atomic import atomic_write
 from trqam_lit.data.errors import UnsupportedDomainError
 from trqam_lit.data.loading import quiet_box_warning
 from trqam_lit.data.paths import DATASET_DIR_ENV, DEFAULT_DATASET_DIR, resolve_dataset_dir
@@ -340,20 +341,6 @@ def _concat(episodes: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {k: np.concatenate([ep[k] for ep in episodes]) for k in episodes[0]}
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write through a temporary name and rename, so an interrupt never leaves a partial file at ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -400,7 +387,8 @@ def generate_dataset(
     # The train file goes last: when it exists, the whole dataset is complete.
     for split in ("val", "train"):
         arrays, path = splits[split], paths[split]
-        _atomic_write(path, lambda f, a=arrays: np.savez_compressed(f, **a))
+        with atomic_write(path) as partial, open(partial, "wb") as f:
+            np.savez_compressed(f, **arrays)  # a file object: given a name, numpy would append ".npz"
         first = 0 if split == "train" else cfg.num_episodes
         count = cfg.num_episodes if split == "train" else cfg.num_val_episodes
         provenance = {
@@ -422,7 +410,8 @@ def generate_dataset(
             "versions": _versions(),
         }
         text = json.dumps(provenance, indent=2, sort_keys=True) + "\n"
-        _atomic_write(paths[f"{split}_json"], lambda f, t=text: f.write(t.encode()))
+        with atomic_write(paths[f"{split}_json"]) as partial:
+            partial.write_text(text)
     if progress:
         print(
             f"wrote {train} and {val.name}: {total_rows} rows in {seconds:.1f} s "
