@@ -10,7 +10,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import multiprocessing as mp
-import os
 import traceback
 from collections.abc import Callable, Collection
 
@@ -19,20 +18,14 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from .data.loading import make_ogbench_env
+
 ActFn = Callable[[Tensor], Tensor]
 
 
 def evaluation_dataloader() -> DataLoader:
     """One item per rank: an evaluation is a batch of environment rollouts, not a pass over a dataset."""
     return DataLoader([0], batch_size=1)
-
-
-def make_ogbench_env(env_name: str):
-    """A single-task OGBench environment with no dataset (never downloads anything)."""
-    os.environ.setdefault("MUJOCO_GL", "disable")  # state observations need no renderer
-    import ogbench
-
-    return ogbench.make_env_and_datasets(env_name, env_only=True)
 
 
 def run_chunk(env, actions: np.ndarray, ret: float) -> tuple[np.ndarray, float, int, bool, float]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from .experiment import Grid, Run
+from .grid import Grid, Run
 
 # tag -> (plot title, y-axis label, scale applied to the logged value)
 PLOTS = {

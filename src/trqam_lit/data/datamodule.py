@@ -18,6 +18,7 @@ from trqam_lit.data.loading import (
     decompress_npz,
     env_spaces,
     load_table,
+    make_ogbench_env,
     process_dataset,
     read_dataset,
 )
@@ -322,8 +323,6 @@ class OGBenchDataModule(L.LightningDataModule):
     # ---- online phase (trqam_lit.online.OnlinePhase) -------------------------------------------------------------
     def make_online_env(self) -> Any:
         """A fresh single-task environment for online interaction (never the relabelling or evaluation one)."""
-        from trqam_lit.evaluation import make_ogbench_env
-
         return make_ogbench_env(self.env_name)
 
     def defer_sampling_from(self, step: int) -> None:

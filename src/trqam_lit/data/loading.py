@@ -36,13 +36,21 @@ def quiet_box_warning() -> Iterator[None]:
         yield
 
 
-@functools.lru_cache(maxsize=8)
-def make_env(env_name: str) -> Any:
-    """Single-task environment without data, cached per process (building the MuJoCo model costs ~1 s)."""
+def make_ogbench_env(env_name: str) -> Any:
+    """A new single-task OGBench environment with no dataset (never downloads anything): the one environment
+    factory (evaluation, the online phase; ``make_env`` caches one for checks and relabelling)."""
+    os.environ.setdefault("MUJOCO_GL", "disable")  # state observations need no renderer
     import ogbench
 
     with quiet_box_warning():
         return ogbench.make_env_and_datasets(env_name, env_only=True)
+
+
+@functools.lru_cache(maxsize=8)
+def make_env(env_name: str) -> Any:
+    """``make_ogbench_env``, cached per process (building the MuJoCo model costs ~1 s): shared by the file checks and
+    relabelling, which reset it; never step it where another user could."""
+    return make_ogbench_env(env_name)
 
 
 @functools.lru_cache(maxsize=64)
