@@ -147,27 +147,15 @@ class AdjointMatchingAgent(FlowAgent):
         before the step): QAM-F's one-step policy, QAM-E's edit policy. TRQAM and QAM: None."""
         return None
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        if self.in_bc_warmup:
-            bc = self.bc_loss(batch)
-            self.log_step({"actor/bc_loss": bc}, prog_bar=["actor/bc_loss"])
-            self.record(bc_loss=bc)
-            idle = [m for m in self.children() if m is not self.v_bc]  # v_ft, the critic, a variant's networks
-            return self.touch_unused(bc, *idle)
+    def fine_tune_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         bc, q_loss, q, am = self.step_losses()(batch, self.draw_step_noise(batch))
-        extra = self.policy_loss(batch["observations"])
-        terms = extra[1] if extra is not None else {}
-        if self.logging_this_step:
-            self.log_step({
-                "actor/bc_loss": bc, "critic/critic_loss": q_loss, "critic/q_mean": q.mean(), "critic/q_min": q.min(),
-                "actor/am_loss": am.loss.detach(), "actor/adj_max": am.adj_final.abs().max(),
-                **{name: value.detach() for name, value in terms.items()},
-            }, prog_bar=["actor/bc_loss"])  # fmt: skip
         loss = q_loss + bc + am.loss
+        info = {
+            "actor/bc_loss": bc, "critic/critic_loss": q_loss, "critic/q_mean": q.mean(), "critic/q_min": q.min(),
+            "actor/am_loss": am.loss, "actor/adj_max": am.adj_final.abs().max(), "kl": am.path_kl,
+        }  # fmt: skip
+        extra = self.policy_loss(batch["observations"])  # a variant's own loss, drawing after the step's draws
         if extra is not None:
             loss = loss + extra[0]
-        # checked for NaN/inf before the optimizer step; the KL feeds the dual step once the update is applied
-        self.record(critic_loss=q_loss, bc_loss=bc, am_loss=am.loss, kl=am.path_kl, **terms)
-        if self.analytic_q is not None:
-            loss = self.touch_unused(loss, self.critic)
-        return loss
+            info.update(extra[1])
+        return loss, info

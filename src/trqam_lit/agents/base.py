@@ -1,10 +1,7 @@
-"""Shared machinery of the flow-policy agents: networks, one optimizer, one global clip, targets, acting, eval.
-
-An agent subclass only sequences pure loss functions in ``training_step`` (and, for TRQAM, steps the dual
-variable); everything a Trainer feature touches (precision, DDP, checkpoints) is handled here once. What differs
-between algorithms is a few hooks: ``build_policy`` (the networks besides v_bc and the critics), ``build_critic``
-(the critic ensemble), ``target_pairs`` (the polyak targets), ``next_actions`` (the TD target's a'), ``policy_net`` /
-``policy_actions`` (acting) and ``copy_bc_into_policy`` (the end of a BC warm-up).
+"""FlowAgent, the base of every agent: its networks (built through hooks), one optimizer and the template training
+step; an agent writes ``fine_tune_loss`` (pure loss functions in sequence) and overrides the hooks where it differs:
+``build_policy``, ``build_critic``, ``target_pairs``, ``next_actions``, ``policy_net`` / ``policy_actions``,
+``copy_bc_into_policy``. The rest is in the mixins it combines, one job per module (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -19,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..nets import CriticEnsemble, VelocityField
-from .bc_weights import load_bc_weights
+from .bc_weights import FromBC
 from .checks import check_hparams, check_trainer
 from .draws import RandomStreams
 from .evaluating import EVAL_METRICS, Evaluating
@@ -30,7 +27,7 @@ from .update_guard import UpdateGuard
 __all__ = ["EVAL_METRICS", "FlowAgent"]
 
 
-class FlowAgent(UpdateGuard, RandomStreams, SharedLosses, StepLogging, Evaluating, pl.LightningModule):
+class FlowAgent(UpdateGuard, RandomStreams, FromBC, SharedLosses, StepLogging, Evaluating, pl.LightningModule):
     """Base LightningModule: a BC velocity field ``v_bc``, the agent's own policy networks (``build_policy``) and,
     for RL agents, the critic ensemble and its polyak target.
 
@@ -139,11 +136,6 @@ class FlowAgent(UpdateGuard, RandomStreams, SharedLosses, StepLogging, Evaluatin
         self.policy_from_bc.fill_(True)
 
     # ---- set-up -------------------------------------------------------------------------------------------
-    def load_bc_weights(self, path: str) -> None:
-        """Copy a checkpoint's v_bc into v_bc, then ``copy_bc_into_policy`` (the start of fine-tuning)."""
-        load_bc_weights(self.v_bc, path)
-        self.copy_bc_into_policy()
-
     def setup(self, stage: str) -> None:
         check_trainer(self.trainer, self.device, stage)
         if stage == "fit":
@@ -166,28 +158,40 @@ class FlowAgent(UpdateGuard, RandomStreams, SharedLosses, StepLogging, Evaluatin
         fused = (self.device.type in ("cpu", "cuda") and scaler is None) or None
         return torch.optim.Adam(params, lr=self.hparams.lr, fused=fused)
 
-    # ---- training step helpers ----------------------------------------------------------------------------
-    @property
-    def in_bc_warmup(self) -> bool:
-        return self.global_step < self.hparams.bc_warmup_steps
-
     def q_fn(self, target: bool):
         """The critic used for values and adjoints: the analytic reward, or the (target) ensemble."""
         if self.analytic_q is not None:
             return self.analytic_q
         return self.target_critic if target else self.critic
 
+    # ---- the training step --------------------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        """The template step: v_bc's BC loss during a BC warm-up (the networks it leaves idle touched for DDP), else
+        the agent's ``fine_tune_loss``; then its terms recorded (checked for NaN/inf before the optimizer step) and
+        logged, once."""
+        if self.in_bc_warmup:
+            bc = self.bc_loss(batch)
+            loss, info = (
+                self.touch_unused(bc, *[m for m in self.children() if m is not self.v_bc]),
+                {"actor/bc_loss": bc},
+            )
+        else:
+            loss, info = self.fine_tune_loss(batch)
+            if self.uses_critic and self.analytic_q is not None:
+                loss = self.touch_unused(loss, self.critic)  # the analytic reward stands in for it
+        self.record(**info)
+        self.log_step({name: value.detach() for name, value in info.items() if "/" in name}, prog_bar=["actor/bc_loss"])
+        return loss
+
+    def fine_tune_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """(the loss one optimizer step minimises, its terms by name). Every term is checked for NaN/inf before the
+        step; names with a ``/`` are logged (declared in the class's ``scalars``); ``kl``, the path-KL estimate, goes
+        to ``after_update`` once the update is applied."""
+        raise NotImplementedError(f"{type(self).__name__} does not define its fine-tuning loss")
+
     @property
     def flow_steps(self) -> int:
         return self.hparams.flow_steps
-
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        if not self._policy_checked and not self.in_bc_warmup:  # one host read per run, not per step
-            if not bool(self.policy_from_bc):
-                self.copy_bc_into_policy()  # the BC warm-up just ended: fine-tuning starts from v_bc
-                for optimizer in self.trainer.optimizers:
-                    optimizer.state.clear()  # a fresh Adam, as when fine-tuning starts from a BC checkpoint
-            self._policy_checked = True
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Checkpoints written before these buffers existed: the seed they ran with is unknown, take 0.

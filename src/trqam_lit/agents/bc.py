@@ -15,8 +15,6 @@ class BC(FlowAgent):
 
     uses_critic = False
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        loss = self.bc_loss(batch)
-        self.log_step({"actor/bc_loss": loss}, prog_bar=["actor/bc_loss"])
-        self.record(bc_loss=loss)
-        return loss
+    def fine_tune_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        bc = self.bc_loss(batch)
+        return bc, {"actor/bc_loss": bc}

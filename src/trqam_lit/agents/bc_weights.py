@@ -1,8 +1,10 @@
-"""``init_from``: a checkpoint's v_bc loaded into an agent, checked first so a wrong file gets a message naming it."""
+"""Where fine-tuning starts from v_bc: ``init_from`` (a checkpoint's v_bc loaded into the agent, checked first so a
+wrong file gets a message naming it) and the end of a BC warm-up (``bc_warmup_steps``)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -31,3 +33,25 @@ def load_bc_weights(v_bc: nn.Module, path: str) -> None:
         v_bc.load_state_dict(bc)
     except RuntimeError as err:
         raise ValueError(f"init_from {path}: its v_bc does not match this model's shapes: {err}") from None
+
+
+class FromBC:
+    """Mixin of :class:`~trqam_lit.agents.base.FlowAgent` (a LightningModule): the BC warm-up and ``init_from``, both
+    ending in the agent's ``copy_bc_into_policy``."""
+
+    @property
+    def in_bc_warmup(self) -> bool:
+        return self.global_step < self.hparams.bc_warmup_steps
+
+    def load_bc_weights(self, path: str) -> None:
+        """Copy a checkpoint's v_bc into v_bc, then ``copy_bc_into_policy`` (the start of fine-tuning)."""
+        load_bc_weights(self.v_bc, path)
+        self.copy_bc_into_policy()
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if not self._policy_checked and not self.in_bc_warmup:  # one host read per run, not per step
+            if not bool(self.policy_from_bc):
+                self.copy_bc_into_policy()  # the BC warm-up just ended: fine-tuning starts from v_bc
+                for optimizer in self.trainer.optimizers:
+                    optimizer.state.clear()  # a fresh Adam, as when fine-tuning starts from a BC checkpoint
+            self._policy_checked = True

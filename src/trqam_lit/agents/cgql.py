@@ -203,21 +203,13 @@ class CGQL(FlowAgent):
         return noisy_critic_loss(self.critic, self.target_critic, s, a, noise, t, batch["valid"], hp.inv_temp,
                                  hp.isd_clip)  # fmt: skip
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        if self.in_bc_warmup:
-            bc = self.bc_loss(batch)
-            self.log_step({"actor/bc_loss": bc}, prog_bar=["actor/bc_loss"])
-            self.record(bc_loss=bc)
-            return self.touch_unused(bc, self.critic)
+    def fine_tune_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         # the reference's draw order: the next action's noise, the noisy critic's t and noise, then BC's x_0 and t
         q_loss, q = self.critic_loss(batch)
         noisy = self.noisy_critic_loss(batch)
         bc = self.bc_loss(batch)
-        if self.logging_this_step:
-            self.log_step({
-                "actor/bc_loss": bc, "critic/critic_loss": q_loss, "critic/q_mean": q.mean(), "critic/q_min": q.min(),
-                "critic/q_max": q.max(), "critic/noisy_critic_loss": noisy.loss.detach(),
-                "critic/exp_bias": linex_exp_bias(noisy.q, noisy.target, self.hparams.inv_temp),
-            }, prog_bar=["actor/bc_loss"])  # fmt: skip
-        self.record(critic_loss=q_loss, noisy_critic_loss=noisy.loss, bc_loss=bc)
-        return q_loss + self.hparams.noisy_coef * noisy.loss + bc
+        return q_loss + self.hparams.noisy_coef * noisy.loss + bc, {
+            "actor/bc_loss": bc, "critic/critic_loss": q_loss, "critic/q_mean": q.mean(), "critic/q_min": q.min(),
+            "critic/q_max": q.max(), "critic/noisy_critic_loss": noisy.loss,
+            "critic/exp_bias": linex_exp_bias(noisy.q, noisy.target, self.hparams.inv_temp),
+        }  # fmt: skip

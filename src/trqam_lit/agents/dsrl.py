@@ -163,28 +163,16 @@ class DSRL(FlowAgent):
         alpha_loss = temperature_loss(alpha, latent.log_prob, self.target_entropy)
         return DSRLActorLosses(actor, alpha_loss, -latent.log_prob.detach().mean(), latent.std.detach().mean())
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        if self.in_bc_warmup:
-            bc = self.bc_loss(batch)
-            self.log_step({"actor/bc_loss": bc}, prog_bar=["actor/bc_loss"])
-            self.record(bc_loss=bc)
-            return self.touch_unused(bc, self.actor, self.z_critic, self.alpha, self.critic)
+    def fine_tune_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         # the reference's draw order: the critic's eps', the distillation's z, the BC x_0 and t, then the actor's eps
         s = batch["observations"]
         critic_loss, q = self.critic_loss(batch)
         distill, _ = self.distill_loss(s)
         bc = self.bc_loss(batch)
         actor = self.actor_losses(s)
-        if self.logging_this_step:
-            self.log_step({
-                "actor/bc_loss": bc, "critic/critic_loss": critic_loss, "critic/q_mean": q.mean(),
-                "critic/q_min": q.min(), "critic/q_max": q.max(), "critic/distill_loss": distill.detach(),
-                "actor/actor_loss": actor.actor.detach(), "actor/alpha_loss": actor.alpha.detach(),
-                "actor/alpha": self.alpha().detach(), "actor/entropy": actor.entropy, "actor/action_std": actor.std,
-            }, prog_bar=["actor/bc_loss"])  # fmt: skip
-        self.record(critic_loss=critic_loss, distill_loss=distill, bc_loss=bc, actor_loss=actor.actor,
-                    alpha_loss=actor.alpha)  # fmt: skip
-        loss = critic_loss + distill + bc + actor.actor + actor.alpha
-        if self.analytic_q is not None:
-            loss = self.touch_unused(loss, self.critic)
-        return loss
+        return critic_loss + distill + bc + actor.actor + actor.alpha, {
+            "actor/bc_loss": bc, "critic/critic_loss": critic_loss, "critic/q_mean": q.mean(), "critic/q_min": q.min(),
+            "critic/q_max": q.max(), "critic/distill_loss": distill, "actor/actor_loss": actor.actor,
+            "actor/alpha_loss": actor.alpha, "actor/alpha": self.alpha(), "actor/entropy": actor.entropy,
+            "actor/action_std": actor.std,
+        }  # fmt: skip

@@ -70,24 +70,13 @@ class FQL(FlowAgent):
         q = actor_q_loss(self.q_fn(target=False), s, mu_out.clamp(-ACTION_CLIP, ACTION_CLIP))
         return FQLActorLosses(distill, q)
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        if self.in_bc_warmup:
-            bc = self.bc_loss(batch)
-            self.log_step({"actor/bc_loss": bc}, prog_bar=["actor/bc_loss"])
-            self.record(bc_loss=bc)
-            return self.touch_unused(bc, self.mu, self.critic)
+    def fine_tune_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         # the reference's draw order: the critic's z', the BC x_0 and t, then the actor's z
         critic_loss, q = self.critic_loss(batch)
         bc = self.bc_loss(batch)
         actor = self.actor_losses(batch["observations"])
-        if self.logging_this_step:
-            self.log_step({
-                "actor/bc_loss": bc, "critic/critic_loss": critic_loss, "critic/q_mean": q.mean(),
-                "critic/q_min": q.min(), "critic/q_max": q.max(), "actor/distill_loss": actor.distill.detach(),
-                "actor/q_loss": actor.q.detach(),
-            }, prog_bar=["actor/bc_loss"])  # fmt: skip
-        self.record(critic_loss=critic_loss, bc_loss=bc, distill_loss=actor.distill, q_loss=actor.q)
         loss = critic_loss + bc + self.hparams.alpha * actor.distill + actor.q
-        if self.analytic_q is not None:
-            loss = self.touch_unused(loss, self.critic)
-        return loss
+        return loss, {
+            "actor/bc_loss": bc, "critic/critic_loss": critic_loss, "critic/q_mean": q.mean(), "critic/q_min": q.min(),
+            "critic/q_max": q.max(), "actor/distill_loss": actor.distill, "actor/q_loss": actor.q,
+        }  # fmt: skip

@@ -89,25 +89,14 @@ class IFQL(FlowAgent):
             return sample_actions(self.v_bc, s, noise[0], self.flow_steps)
         return best_of_n_actions(self.v_bc, self.q_fn(target=False), s, noise, self.flow_steps)
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        if self.in_bc_warmup:
-            bc = self.bc_loss(batch)
-            self.log_step({"actor/bc_loss": bc}, prog_bar=["actor/bc_loss"])
-            self.record(bc_loss=bc)
-            return self.touch_unused(bc, self.value, self.critic)
+    def fine_tune_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         # the reference's order: value, critic, then the BC loss (its only random draws: x_0 and t)
         value_loss, v = self.value_loss(batch)
         critic_loss, y = self.critic_loss(batch)
         bc = self.bc_loss(batch)
-        if self.logging_this_step:
-            # as the reference's info: critic/q_* describe the TD target y, value/v_* the online V(s)
-            self.log_step({
-                "actor/bc_loss": bc, "critic/critic_loss": critic_loss, "critic/q_mean": y.mean(),
-                "critic/q_min": y.min(), "critic/q_max": y.max(), "value/value_loss": value_loss.detach(),
-                "value/v_mean": v.mean(), "value/v_min": v.min(), "value/v_max": v.max(),
-            }, prog_bar=["actor/bc_loss"])  # fmt: skip
-        self.record(value_loss=value_loss, critic_loss=critic_loss, bc_loss=bc)
-        loss = value_loss + critic_loss + bc
-        if self.analytic_q is not None:
-            loss = self.touch_unused(loss, self.critic)
-        return loss
+        # as the reference's info: critic/q_* describe the TD target y, value/v_* the online V(s)
+        return value_loss + critic_loss + bc, {
+            "actor/bc_loss": bc, "critic/critic_loss": critic_loss, "critic/q_mean": y.mean(), "critic/q_min": y.min(),
+            "critic/q_max": y.max(), "value/value_loss": value_loss, "value/v_mean": v.mean(), "value/v_min": v.min(),
+            "value/v_max": v.max(),
+        }  # fmt: skip

@@ -111,7 +111,6 @@ class QAME(QAM):
         alpha = self.edit_alpha()
         entropy_loss = (edit.log_prob.float() * alpha.detach()).mean()
         alpha_loss = temperature_loss(alpha, edit.log_prob, self.target_entropy)
-        self.log_step({"actor/edit_alpha": alpha.detach()})  # a parameter, the same on every rank: logged only
         terms = {"actor/edit_q_loss": q, "actor/edit_entropy_loss": entropy_loss, "actor/edit_alpha_loss": alpha_loss,
-                 "actor/edit_entropy": -edit.log_prob.detach().mean()}  # fmt: skip
+                 "actor/edit_entropy": -edit.log_prob.detach().mean(), "actor/edit_alpha": alpha}  # fmt: skip
         return q + entropy_loss + alpha_loss, terms
