@@ -299,6 +299,8 @@ def gaussian_linear(
 
 
 # ------------------------------------------------------------------------------------------------ quadratic mode
+# Its leading arguments are gaussian_linear's (a same-shape run for `duplicates`): both modes take the options that
+# build_parser's `common` adds to each subcommand, as keyword arguments of public, separately documented functions.
 def gaussian_quadratic(
     mu: float,
     s: float,

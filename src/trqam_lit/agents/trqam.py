@@ -20,6 +20,8 @@ class TRQAM(AdjointMatchingAgent):
 
     ft_starts_at_prior = True  # the trust region is measured from the prior: v_ft, v_base and v_bc start equal
 
+    # The dual's arguments repeat dual.DualDescent's signature (a same-shape run for `duplicates`): LightningCLI reads
+    # an agent's options, types and defaults from its own __init__, so they are spelt out here once more.
     def __init__(
         self,
         eps_kl: float = 1.0,
