@@ -52,19 +52,23 @@ def _generate_one(name: str, out: str) -> None:
     generate_dataset(GenerationConfig(**config), out, workers=1, progress=False)
 
 
-def drift(name: str, variant: str) -> dict[str, float]:
-    """Largest absolute difference per array (train and val files together) of one regeneration."""
+def regenerate(name: str, variant: str, out: str) -> None:
+    """Regenerate fixture ``name`` into ``out`` in a subprocess with the variant's environment."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **VARIANTS[variant]}
+    subprocess.run([sys.executable, __file__, "--_one", name, out], env=env, check=True, capture_output=True)
+
+
+def drift(name: str, out: str) -> dict[str, float]:
+    """Largest absolute difference per array (train and val files together) of one regeneration. Called in the
+    main thread only: np.load parses headers with ast, which races between threads on some CPythons (gh-106905)."""
     from trqam_lit.data import fixture_dir
 
-    with tempfile.TemporaryDirectory() as out:
-        env = {**os.environ, "OMP_NUM_THREADS": "1", **VARIANTS[variant]}
-        subprocess.run([sys.executable, __file__, "--_one", name, out], env=env, check=True, capture_output=True)
-        result: dict[str, float] = {}
-        for file in (f"{name}.npz", f"{name}-val.npz"):
-            with np.load(Path(out) / file) as new, np.load(fixture_dir() / file) as shipped:
-                for k in shipped.files:
-                    d = np.abs(new[k].astype(np.float64) - shipped[k].astype(np.float64)).max()
-                    result[k] = max(result.get(k, 0.0), float(d))
+    result: dict[str, float] = {}
+    for file in (f"{name}.npz", f"{name}-val.npz"):
+        with np.load(Path(out) / file) as new, np.load(fixture_dir() / file) as shipped:
+            for k in shipped.files:
+                d = np.abs(new[k].astype(np.float64) - shipped[k].astype(np.float64)).max()
+                result[k] = max(result.get(k, 0.0), float(d))
     return result
 
 
@@ -80,8 +84,11 @@ def main() -> None:
         _generate_one(*args._one)
         return
     jobs = [(f, v) for f in args.fixtures for v in args.variants]
-    with ThreadPoolExecutor(args.jobs) as pool:
-        results = dict(zip(jobs, pool.map(lambda j: drift(*j), jobs), strict=True))
+    with tempfile.TemporaryDirectory() as root:
+        outs = {job: str(Path(root) / str(i)) for i, job in enumerate(jobs)}
+        with ThreadPoolExecutor(args.jobs) as pool:  # the threads only wait for the generating subprocesses
+            list(pool.map(lambda job: regenerate(*job, outs[job]), jobs))
+        results = {job: drift(job[0], outs[job]) for job in jobs}
     table: dict[str, dict[str, dict[str, float]]] = {}
     for (f, v), r in results.items():
         table.setdefault(f, {})[v] = r

@@ -397,6 +397,16 @@ def test_trainer_fits_from_fixture(tmp_path) -> None:
     assert len(model.seen) == 3 and model.seen[0]["actions"] == (16, 25)
 
 
+def test_a_shard_that_vanished_before_its_prefetch_is_reported_missing(tmp_path) -> None:
+    from trqam_lit.data.loading import decompress_npz
+
+    with pytest.raises(DatasetNotFoundError, match="not found"):
+        decompress_npz(tmp_path / "shard-007.npz")
+    (tmp_path / "shard-008.npz").write_bytes(b"PK\x03\x04 half a file")
+    with pytest.raises(DatasetFormatError, match="truncated or damaged"):
+        decompress_npz(tmp_path / "shard-008.npz")
+
+
 def test_shard_directory_cycles_every_n_steps(tmp_path) -> None:
     shard_dir, sizes = _write_shards(tmp_path)
 

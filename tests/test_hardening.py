@@ -17,7 +17,7 @@ import torch
 from lightning.pytorch.plugins.precision import MixedPrecision
 
 import trqam_lit
-from trqam_lit.agents import BC, QAM, TRQAM
+from trqam_lit.agents import BC, CGQL, QAM, TRQAM
 from trqam_lit.agents.update_guard import AppliedUpdate
 from trqam_lit.data import OGBenchDataModule
 from trqam_lit.data.errors import DatasetFormatError
@@ -120,6 +120,28 @@ def test_a_non_finite_step_changes_nothing_and_the_run_goes_on(inject):
             assert key in moved, (step, key)
     assert int(model.nonfinite_steps) == 1 and int(model.nonfinite_run) == 0
     assert all(torch.isfinite(v).all() for v in states[9].values())
+
+
+def test_a_non_finite_diagnostic_is_logged_but_never_skips_a_step():
+    """The template step checks the loss terms (``*_loss``) and ``kl``; a diagnostic such as CGQL's
+    ``critic/exp_bias`` (exp(inv_temp Q), which overflows while the clipped LINEX loss stays finite) is only
+    logged. A non-finite loss term added the same way does skip the step."""
+
+    def with_term(name):
+        class Diagnosed(CGQL):
+            def fine_tune_loss(self, batch):
+                loss, info = super().fine_tune_loss(batch)
+                return loss, {**info, name: torch.tensor(float("inf"))}
+
+        return Diagnosed
+
+    model, dm = toy(with_term("critic/exp_bias"), bc_warmup_steps=0)
+    fit(model, dm, 3)
+    assert int(model.nonfinite_steps) == 0
+    model, dm = toy(with_term("critic/extra_loss"), bc_warmup_steps=0, max_nonfinite_steps=5)
+    with pytest.warns(UserWarning, match="non-finite critic/extra_loss on this rank"):
+        fit(model, dm, 3)
+    assert int(model.nonfinite_steps) == 3
 
 
 def test_consecutive_non_finite_steps_stop_the_run_with_a_clear_error():
@@ -293,6 +315,6 @@ def test_a_checkpoint_reaches_the_disk_before_it_replaces_the_last_one(tmp_path,
     monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", str(a), str(b))), replace(a, b))[1])
     target = tmp_path / "last.ckpt"
     AtomicCheckpointIO().save_checkpoint({"w": torch.ones(3)}, target)
-    partial = str(tmp_path / "last.ckpt.partial")
+    partial = str(tmp_path / f"last.ckpt.partial-{os.getpid()}")
     assert events == [("fsync", partial), ("replace", partial, str(target)), ("fsync", str(tmp_path))]
     assert torch.equal(torch.load(target)["w"], torch.ones(3)) and not os.path.exists(partial)

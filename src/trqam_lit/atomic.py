@@ -23,10 +23,11 @@ def atomic_write(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
 
     Args:
         path: the file's final name.
-        suffix: appended to the temporary name (``<name>.partial<suffix>``), for writers that want an extension.
+        suffix: appended to the temporary name (``<name>.partial-<pid><suffix>``; the process id keeps two writers
+            of one file apart), for writers that want an extension.
     """
     path = Path(path)
-    tmp = path.with_name(f"{path.name}.partial{suffix}")
+    tmp = path.with_name(f"{path.name}.partial-{os.getpid()}{suffix}")
     try:
         yield tmp
         fsync(tmp)

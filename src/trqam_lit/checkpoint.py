@@ -14,8 +14,8 @@ from .atomic import atomic_write
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's torch checkpoint writer, made atomic (``trqam_lit.atomic.atomic_write``): ``<name>.partial`` is
-    written, flushed and renamed over ``<name>``, so ``last.ckpt`` is always a complete checkpoint."""
+    """Lightning's torch checkpoint writer, made atomic (``trqam_lit.atomic.atomic_write``): ``<name>.partial-<pid>``
+    is written, flushed and renamed over ``<name>``, so ``last.ckpt`` is always a complete checkpoint."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
         with atomic_write(path) as partial:

@@ -179,14 +179,14 @@ class FlowAgent(UpdateGuard, RandomStreams, FromBC, SharedLosses, StepLogging, E
             loss, info = self.fine_tune_loss(batch)
             if self.uses_critic and self.analytic_q is not None:
                 loss = self.touch_unused(loss, self.critic)  # the analytic reward stands in for it
-        self.record(**info)
+        self.record(**{name: value for name, value in info.items() if name == "kl" or name.endswith("_loss")})
         self.log_step({name: value.detach() for name, value in info.items() if "/" in name}, prog_bar=["actor/bc_loss"])
         return loss
 
     def fine_tune_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        """(the loss one optimizer step minimises, its terms by name). Every term is checked for NaN/inf before the
-        step; names with a ``/`` are logged (declared in the class's ``scalars``); ``kl``, the path-KL estimate, goes
-        to ``after_update`` once the update is applied."""
+        """(the loss one optimizer step minimises, its terms by name). Names with a ``/`` are logged (the class's
+        ``scalars``); loss terms (``*_loss``) and ``kl`` (the path-KL estimate, for ``after_update``) are checked for
+        NaN/inf before the optimizer step; a diagnostic (CGQL's ``critic/exp_bias`` may overflow) is only logged."""
         raise NotImplementedError(f"{type(self).__name__} does not define its fine-tuning loss")
 
     @property

@@ -16,7 +16,7 @@ class TRQAM(AdjointMatchingAgent):
     the ``AppliedUpdate`` callback, before ModelCheckpoint saves)."""
 
     label = "TRQAM"
-    scalars = ("dual/kl_clipped", "dual/kl_ema", "dual/lambda")
+    scalars = ("dual/kl_clipped", "dual/kl_ema", "dual/lambda")  # dual/kl_clipped: while lambda moves (dual_update)
 
     ft_starts_at_prior = True  # the trust region is measured from the prior: v_ft, v_base and v_bc start equal
 

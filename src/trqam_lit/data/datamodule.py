@@ -80,6 +80,7 @@ class ShardCycler:
             # The background thread only decompresses (decompress_npz: no ast, see there); headers are parsed
             # and the env relabels here, in the sampling thread.
             data = future.result() if future is not None else None
+            future = None  # it holds the decompressed file too
             raw = read_dataset(self.paths[i], self.env_name, compact=self.compact, data=data)
             del data
             table = process_dataset(raw, self.env_name, sparse=self.sparse, source=str(self.paths[i]))

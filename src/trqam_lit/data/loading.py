@@ -137,8 +137,11 @@ def decompress_npz(path: str | os.PathLike) -> io.BytesIO:
     with ``ast.literal_eval``.
 
     Raises:
+        DatasetNotFoundError: no file at ``path``.
         DatasetFormatError: the file is not a readable archive.
     """
+    if not Path(path).is_file():
+        raise DatasetNotFoundError(f"OGBench dataset file not found: {path}")
     out = io.BytesIO()
     try:
         with zipfile.ZipFile(path) as src, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as dst:
