@@ -1,4 +1,5 @@
-"""Load the recorded official updates (tests/fixtures/golden: TRQAM, QAM, FQL, IFQL) into the project's networks."""
+"""The recorded official updates (tests/fixtures/golden: every agent) loaded into the project's networks, and the
+harness of the golden tests: recorded draws, batch, Adam state, one real Trainer step, tolerances."""
 
 from __future__ import annotations
 
@@ -531,3 +532,93 @@ def assert_params_and_adam_match(
                 before, after = arrays[f"{rec}_before/{leaf}"], arrays[f"{rec}_after/{leaf}"]
                 tol = moment_tolerance(leaf, key, after) if moment_tolerance else update_tolerance(after)
                 assert_change_close(got, before, after, **tol, what=f"{key} {leaf}")
+
+
+# ---------------------------------------------------------------- the harness of the golden Trainer-step tests
+
+RTOL = 1e-4
+
+
+def close(actual: torch.Tensor, expected: np.ndarray, what: str, rtol: float = RTOL, atol: float = 1e-5) -> None:
+    actual = actual.detach().float().cpu().numpy()
+    expected = np.asarray(expected, dtype=np.float32)
+    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol, err_msg=what)
+
+
+def recorded_batch(a: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """The batch as the DataModule hands it to an agent: the chunk flattened, the chunk's last reward/mask/valid/s'."""
+    B = a["batch/actions"].shape[0]
+    return {
+        "observations": t(a["batch/observations"]),
+        "actions": t(a["batch/actions"]).reshape(B, -1),
+        "rewards": t(a["batch/rewards"])[:, -1],
+        "masks": t(a["batch/masks"])[:, -1],
+        "valid": t(a["batch/valid"])[:, -1],
+        "next_observations": t(a["batch/next_observations"])[:, -1],
+    }
+
+
+def random_batch(B: int = 5, obs: int = 4, act: int = 6) -> dict[str, torch.Tensor]:
+    """A small seeded batch for gradient-isolation and acting tests."""
+    gen = torch.Generator().manual_seed(1)
+    return {
+        "observations": torch.randn(B, obs, generator=gen),
+        "actions": torch.rand(B, act, generator=gen) * 2 - 1,
+        "rewards": -torch.rand(B, generator=gen),
+        "masks": torch.ones(B),
+        "valid": torch.ones(B),
+        "next_observations": torch.randn(B, obs, generator=gen),
+    }
+
+
+def capture_calls(net: torch.nn.Module) -> list:
+    """(inputs..., output, whether the output carries a graph) of every forward call of ``net``."""
+    calls = []
+
+    def hook(module, args, out):
+        calls.append((*(x.detach() if torch.is_tensor(x) else x for x in args), out.detach(), out.requires_grad))
+
+    net.register_forward_hook(hook)
+    return calls
+
+
+def adam_state_callback(maps, arrays, online, count: int):
+    """A callback that sets the recorded Adam moments and count of the ``online`` networks before the one step."""
+    import lightning.pytorch as pl
+
+    class AdamState(pl.Callback):
+        def on_train_start(self, trainer, pl_module) -> None:
+            (opt,) = trainer.optimizers
+            for flax_name in online:
+                for leaf, (param, tr) in maps[flax_name].items():
+                    opt.state[param] = {
+                        "step": torch.tensor(float(count)),
+                        "exp_avg": flax_to_torch(arrays[f"adam_mu_before/{leaf}"], tr),
+                        "exp_avg_sq": flax_to_torch(arrays[f"adam_nu_before/{leaf}"], tr),
+                    }
+
+    return AdamState()
+
+
+def one_trainer_step(model, maps, batch, arrays, online, count: int, precision: str = "32-true"):
+    """One real Trainer step of ``model`` on the recorded batch, from the recorded Adam state; returns the Trainer."""
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader
+
+    trainer = pl.Trainer(
+        max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, accelerator="cpu", devices=1, precision=precision,
+        callbacks=[adam_state_callback(maps, arrays, online, count)],
+    )  # fmt: skip
+    trainer.fit(model, train_dataloaders=DataLoader([batch], batch_size=None))
+    return trainer
+
+
+def assert_reference_adam(opt: torch.optim.Optimizer, cfg: dict, maps: dict[str, dict], online) -> None:
+    """The reference's optax.adam(lr) (no weight decay) over exactly the ``online`` networks' parameters."""
+    assert opt.defaults["lr"] == cfg["lr"] and opt.defaults["betas"] == OPTAX_ADAM["betas"]
+    assert opt.defaults["eps"] == OPTAX_ADAM["eps"] and opt.defaults["weight_decay"] == 0
+    assert not opt.defaults["amsgrad"] and not opt.defaults["maximize"]
+    trained = {id(p) for group in opt.param_groups for p in group["params"]}
+    assert trained == {id(p) for name in online for p, _ in maps[name].values()}

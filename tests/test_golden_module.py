@@ -8,25 +8,24 @@ moment and dual variable. Every hyperparameter of the agent comes from the recor
 
 from __future__ import annotations
 
-import lightning.pytorch as pl
-import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
 from golden import (
     NEUTRAL_HPARAMS,
-    OPTAX_ADAM,
     actor_param_map,
     agent_hparams,
-    assert_change_close,
+    assert_params_and_adam_match,
+    assert_reference_adam,
+    capture_calls,
+    close,
     critic_param_map,
     flax_to_torch,
     load,
+    one_trainer_step,
+    recorded_batch,
     recorded_draw,
     recorded_draws,
-    t,
-    update_tolerance,
 )
 from trqam_lit.adjoint import adjoint_matching_terms
 from trqam_lit.agents import QAM, TRQAM, adjoint_matching
@@ -34,12 +33,6 @@ from trqam_lit.agents import QAM, TRQAM, adjoint_matching
 NETS = {"actor_fast": "v_ft", "actor_slow": "v_bc", "target_actor_slow": "v_base", "critic": "critic",
         "target_critic": "target_critic"}  # fmt: skip
 ONLINE = ("critic", "actor_slow", "actor_fast")
-
-
-def close(actual: torch.Tensor, expected: np.ndarray, what: str, rtol: float = 1e-4, atol: float = 1e-5) -> None:
-    actual = actual.detach().float().cpu().numpy()
-    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
-    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol, err_msg=what)
 
 
 def recorded_agent(agent: str, **overrides):
@@ -85,51 +78,7 @@ def recorded_agent(agent: str, **overrides):
         if agent == "trqam":
             assert model.dual.lam.item() == float(arrays["dual/lam_before"])  # lam_init, from the record
             model.dual.kl_ema.fill_(float(arrays["dual/kl_ema_before"]))
-    B = arrays["batch/actions"].shape[0]
-    batch = {
-        "observations": t(arrays["batch/observations"]),
-        "actions": t(arrays["batch/actions"]).reshape(B, -1),
-        "rewards": t(arrays["batch/rewards"])[:, -1],
-        "masks": t(arrays["batch/masks"])[:, -1],
-        "valid": t(arrays["batch/valid"])[:, -1],
-        "next_observations": t(arrays["batch/next_observations"])[:, -1],
-    }
-    return model, maps, batch, arrays, meta
-
-
-class AdamState(pl.Callback):
-    """Sets the recorded Adam moments and count before the one training step."""
-
-    def __init__(self, maps, arrays, count: int) -> None:
-        self.maps, self.arrays, self.count = maps, arrays, count
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        (opt,) = trainer.optimizers
-        for flax_name in ONLINE:
-            for leaf, (param, tr) in self.maps[flax_name].items():
-                opt.state[param] = {
-                    "step": torch.tensor(float(self.count)),
-                    "exp_avg": flax_to_torch(self.arrays[f"adam_mu_before/{leaf}"], tr),
-                    "exp_avg_sq": flax_to_torch(self.arrays[f"adam_nu_before/{leaf}"], tr),
-                }
-
-
-def one_trainer_step(model, maps, batch, arrays, count: int, precision: str = "32-true") -> pl.Trainer:
-    """One Trainer step on the recorded batch, from the recorded Adam state."""
-    trainer = pl.Trainer(
-        max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, accelerator="cpu", devices=1, precision=precision,
-        callbacks=[AdamState(maps, arrays, count)],
-    )  # fmt: skip
-    trainer.fit(model, train_dataloaders=DataLoader([batch], batch_size=None))
-    return trainer
-
-
-def capture_calls(net: torch.nn.Module) -> list:
-    """(inputs..., output) of every forward call of ``net`` during the step."""
-    calls = []
-    net.register_forward_hook(lambda m, args, out: calls.append((*(x.detach() for x in args), out.detach())))
-    return calls
+    return model, maps, recorded_batch(arrays), arrays, meta
 
 
 @pytest.mark.parametrize(
@@ -147,7 +96,7 @@ def test_one_trainer_step_reproduces_the_recorded_update(agent, compiled):
     if not compiled:
         bc_calls, critic_calls = capture_calls(model.v_bc), capture_calls(model.critic)
         target_calls = capture_calls(model.target_critic)
-    trainer = one_trainer_step(model, maps, batch, a, count)
+    trainer = one_trainer_step(model, maps, batch, a, ONLINE, count)
 
     if compiled:  # the step ran through the compiled graph, not a silent eager fallback
         assert type(model) in adjoint_matching._COMPILED
@@ -156,7 +105,7 @@ def test_one_trainer_step_reproduces_the_recorded_update(agent, compiled):
 
     # What the step computed. BC: v_bc is evaluated once, at x_t with the drawn t.
     if not compiled:
-        ((s, x_t, t_in, pred),) = bc_calls
+        ((s, x_t, t_in, pred, _),) = bc_calls
         close(s, a["batch/observations"], "BC observations", rtol=0, atol=0)
         close(t_in, a["bc/t"], "BC time t", rtol=0, atol=0)
         close(x_t, a["bc/x_t"], "BC x_t")
@@ -164,7 +113,7 @@ def test_one_trainer_step_reproduces_the_recorded_update(agent, compiled):
     close(model.bc_out, a["bc/flow_loss"], "BC loss")
     # Critic: Q(s, a) once; the target ensemble at (s', a') with a' from v_ft's ODE on the recorded noise.
     if not compiled:
-        ((_, _, q),) = critic_calls
+        ((_, _, q, _),) = critic_calls
         close(q, a["critic/q"], "q")
         next_calls = [c for c in target_calls if torch.equal(c[0], batch["next_observations"])]
         assert len(next_calls) == 1, len(next_calls)
@@ -186,28 +135,12 @@ def test_one_trainer_step_reproduces_the_recorded_update(agent, compiled):
 
     # The optimizer is the reference's optax.adam(lr) over exactly the three online networks.
     (opt,) = trainer.optimizers
-    assert opt.defaults["lr"] == cfg["lr"] and opt.defaults["betas"] == OPTAX_ADAM["betas"]
-    assert opt.defaults["eps"] == OPTAX_ADAM["eps"] and opt.defaults["weight_decay"] == 0
-    assert not opt.defaults["amsgrad"] and not opt.defaults["maximize"]
-    trained = {id(p) for group in opt.param_groups for p in group["params"]}
-    assert trained == {id(p) for name in ONLINE for p, _ in maps[name].values()}
+    assert_reference_adam(opt, cfg, maps, ONLINE)
 
     # The update, as changes against the recorded changes (tolerances and their reasons: test_golden.py and
     # golden.update_tolerance): the global norm, every parameter and target, the Adam moments and count.
     assert model.grad_norm.item() == pytest.approx(float(a["grad_global_norm"]), rel=1e-4)
-    for flax_name, net_map in maps.items():
-        for leaf, (param, tr) in net_map.items():
-            before, after = a[f"params_before/{leaf}"], a[f"params_after/{leaf}"]
-            tol = update_tolerance(after, target=flax_name not in ONLINE)
-            assert_change_close(param.T if tr else param, before, after, **tol, what=leaf)
-            if flax_name not in ONLINE:
-                continue
-            state = opt.state[param]
-            assert int(state["step"]) == int(a["adam_count_after"]), (leaf, state["step"])
-            for key, rec in (("exp_avg", "adam_mu"), ("exp_avg_sq", "adam_nu")):
-                got = state[key].T if tr else state[key]
-                before, after = a[f"{rec}_before/{leaf}"], a[f"{rec}_after/{leaf}"]
-                assert_change_close(got, before, after, **update_tolerance(after), what=f"{key} {leaf}")
+    assert_params_and_adam_match(a, opt, maps, tuple(n for n in maps if n not in ONLINE))
     if agent == "trqam":
         lam0, ema0 = float(a["dual/lam_before"]), float(a["dual/kl_ema_before"])
         d_lam, d_ema = float(a["dual/lam_after"]) - lam0, float(a["dual/kl_ema_after"]) - ema0
@@ -218,7 +151,7 @@ def test_one_trainer_step_reproduces_the_recorded_update(agent, compiled):
 def one_step_losses(agent: str, precision: str, **fast) -> dict[str, float]:
     """The recorded step's BC, critic and AM losses and path KL through one Trainer step at ``precision``."""
     model, maps, batch, a, meta = recorded_agent(agent, **fast)
-    one_trainer_step(model, maps, batch, a, int(meta["state_set_by_harness"]["adam_count"]), precision)
+    one_trainer_step(model, maps, batch, a, ONLINE, int(meta["state_set_by_harness"]["adam_count"]), precision)
     if fast:
         assert type(model) in adjoint_matching._COMPILED
     am = model.am_out

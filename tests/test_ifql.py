@@ -11,11 +11,9 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-import lightning.pytorch as pl
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from golden import (
     AGENT_NETS,
@@ -23,22 +21,25 @@ from golden import (
     NEUTRAL_HPARAMS,
     OPTAX_ADAM,
     agent_hparams,
-    assert_change_close,
     assert_params_and_adam_match,
+    assert_reference_adam,
+    capture_calls,
     check_reference_config,
+    close,
     critic_ensemble,
     flax_to_torch,
     load,
     load_params,
+    one_trainer_step,
     param_maps,
+    random_batch,
+    recorded_batch,
     recorded_draw,
     recorded_draws,
     state_value,
-    update_tolerance,
     velocity_field,
 )
 from helpers import one_torch_thread  # noqa: F401  (autouse)
-from test_fql import capture_calls, close, random_batch, recorded_batch
 from trqam_lit.agents import IFQL
 from trqam_lit.critic import critic_loss, ensemble_pessimistic_value, expectile_loss, expectile_weight, td_target
 from trqam_lit.flow import bc_flow_loss, best_of_n_actions, sample_actions
@@ -203,33 +204,12 @@ def recorded_ifql():
     return model, maps, recorded_batch(arrays), arrays, meta
 
 
-class AdamState(pl.Callback):
-    """Sets the recorded Adam moments and count before the one training step."""
-
-    def __init__(self, maps, arrays, count: int) -> None:
-        self.maps, self.arrays, self.count = maps, arrays, count
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        (opt,) = trainer.optimizers
-        for flax_name in ONLINE:
-            for leaf, (param, tr) in self.maps[flax_name].items():
-                opt.state[param] = {
-                    "step": torch.tensor(float(self.count)),
-                    "exp_avg": flax_to_torch(self.arrays[f"adam_mu_before/{leaf}"], tr),
-                    "exp_avg_sq": flax_to_torch(self.arrays[f"adam_nu_before/{leaf}"], tr),
-                }
-
-
 def test_one_trainer_step_reproduces_the_recorded_update():
     model, maps, batch, a, meta = recorded_ifql()
     cfg = meta["config"]
     count = meta["state_set_by_harness"]["adam_count"]
     target_calls, value_calls = capture_calls(model.target_critic), capture_calls(model.value)
-    trainer = pl.Trainer(
-        max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, accelerator="cpu", devices=1, callbacks=[AdamState(maps, a, count)],
-    )  # fmt: skip
-    trainer.fit(model, train_dataloaders=DataLoader([batch], batch_size=None))
+    trainer = one_trainer_step(model, maps, batch, a, ONLINE, count)
 
     # the BC loss's x_0 and t are the only draws
     assert model.draw_calls == ["bc/x0", "bc/t"], model.draw_calls
@@ -250,26 +230,11 @@ def test_one_trainer_step_reproduces_the_recorded_update():
 
     # the reference's optax.adam(lr) over exactly the three online networks
     (opt,) = trainer.optimizers
-    assert opt.defaults["lr"] == cfg["lr"] and opt.defaults["betas"] == OPTAX_ADAM["betas"]
-    assert opt.defaults["eps"] == OPTAX_ADAM["eps"] and opt.defaults["weight_decay"] == 0
-    trained = {id(p) for group in opt.param_groups for p in group["params"]}
-    assert trained == {id(p) for name in ONLINE for p, _ in maps[name].values()}
+    assert_reference_adam(opt, cfg, maps, ONLINE)
 
     # the unclipped update: norm, every parameter and target, the Adam moments and count
     assert model.grad_norm.item() == pytest.approx(float(a["grad_global_norm"]), rel=1e-4)
-    for flax_name, net_map in maps.items():
-        for leaf, (param, tr) in net_map.items():
-            before, after = a[f"params_before/{leaf}"], a[f"params_after/{leaf}"]
-            tol = update_tolerance(after, target=flax_name not in ONLINE)
-            assert_change_close(param.T if tr else param, before, after, **tol, what=leaf)
-            if flax_name not in ONLINE:
-                continue
-            state = opt.state[param]
-            assert int(state["step"]) == int(a["adam_count_after"]), (leaf, state["step"])
-            for key, rec in (("exp_avg", "adam_mu"), ("exp_avg_sq", "adam_nu")):
-                got = state[key].T if tr else state[key]
-                before, after = a[f"{rec}_before/{leaf}"], a[f"{rec}_after/{leaf}"]
-                assert_change_close(got, before, after, **update_tolerance(after), what=f"{key} {leaf}")
+    assert_params_and_adam_match(a, opt, maps, tuple(n for n in maps if n not in ONLINE))
 
 
 # ---------------------------------------------------------------- the expectile, gradient isolation and acting

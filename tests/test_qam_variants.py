@@ -11,10 +11,8 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-import lightning.pytorch as pl
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
 from golden import (
     AGENT_NETS,
@@ -23,23 +21,26 @@ from golden import (
     NEUTRAL_HPARAMS,
     OPTAX_ADAM,
     agent_hparams,
-    assert_change_close,
     assert_params_and_adam_match,
+    assert_reference_adam,
+    capture_calls,
     check_reference_config,
+    close,
     critic_ensemble,
     flax_to_torch,
     load,
     load_params,
+    one_trainer_step,
     onestep_policy,
     param_maps,
+    random_batch,
     record_shapes,
+    recorded_batch,
     recorded_draw,
     recorded_draws,
-    update_tolerance,
     velocity_field,
 )
 from helpers import one_torch_thread  # noqa: F401  (autouse)
-from test_fql import capture_calls, close, recorded_batch
 from trqam_lit.adjoint import adjoint_matching_objective
 from trqam_lit.agents import QAME, QAMF
 from trqam_lit.agents.qam_e import edited_actions
@@ -268,34 +269,13 @@ def recorded_agent(variant: str):
     return model, maps, recorded_batch(arrays), arrays, meta
 
 
-class AdamState(pl.Callback):
-    """Sets the recorded Adam moments and count of the online networks before the one training step."""
-
-    def __init__(self, maps, arrays, online, count: int) -> None:
-        self.maps, self.arrays, self.online, self.count = maps, arrays, online, count
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        (opt,) = trainer.optimizers
-        for flax_name in self.online:
-            for leaf, (param, tr) in self.maps[flax_name].items():
-                opt.state[param] = {
-                    "step": torch.tensor(float(self.count)),
-                    "exp_avg": flax_to_torch(self.arrays[f"adam_mu_before/{leaf}"], tr),
-                    "exp_avg_sq": flax_to_torch(self.arrays[f"adam_nu_before/{leaf}"], tr),
-                }
-
-
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_one_trainer_step_reproduces_the_recorded_update(variant):
     model, maps, batch, a, meta = recorded_agent(variant)
     cfg, online = meta["config"], AGENT_ONLINE[variant]
     count = meta["state_set_by_harness"]["adam_count"]
     target_calls = capture_calls(model.target_critic)
-    trainer = pl.Trainer(
-        max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, accelerator="cpu", devices=1, callbacks=[AdamState(maps, a, online, count)],
-    )  # fmt: skip
-    trainer.fit(model, train_dataloaders=DataLoader([batch], batch_size=None))
+    trainer = one_trainer_step(model, maps, batch, a, online, count)
 
     # every recorded draw asked for once
     assert sorted(model.draw_calls) == sorted(recorded_draws(a, cfg)), model.draw_calls
@@ -319,26 +299,11 @@ def test_one_trainer_step_reproduces_the_recorded_update(variant):
 
     # the reference's clip(1) + optax.adam(lr) over exactly the online networks (the temperature included)
     (opt,) = trainer.optimizers
-    assert opt.defaults["lr"] == cfg["lr"] and opt.defaults["betas"] == OPTAX_ADAM["betas"]
-    assert opt.defaults["eps"] == OPTAX_ADAM["eps"] and opt.defaults["weight_decay"] == 0
-    trained = {id(p) for group in opt.param_groups for p in group["params"]}
-    assert trained == {id(p) for name in online for p, _ in maps[name].values()}
+    assert_reference_adam(opt, cfg, maps, online)
 
     assert model.grad_norm.item() == pytest.approx(float(a["grad_global_norm"]), rel=1e-4)
     targets = targets_of(variant)
-    for flax_name, net_map in maps.items():
-        for leaf, (param, tr) in net_map.items():
-            before, after = a[f"params_before/{leaf}"], a[f"params_after/{leaf}"]
-            tol = update_tolerance(after, target=flax_name in targets)
-            assert_change_close(param.T if tr else param, before, after, **tol, what=leaf)
-            if flax_name in targets:
-                continue
-            state = opt.state[param]
-            assert int(state["step"]) == int(a["adam_count_after"]), (leaf, state["step"])
-            for key, rec in (("exp_avg", "adam_mu"), ("exp_avg_sq", "adam_nu")):
-                got = state[key].T if tr else state[key]
-                before, after = a[f"{rec}_before/{leaf}"], a[f"{rec}_after/{leaf}"]
-                assert_change_close(got, before, after, **update_tolerance(after), what=f"{key} {leaf}")
+    assert_params_and_adam_match(a, opt, maps, targets)
 
 
 # ---------------------------------------------------------------- gradient isolation, acting, the tanh-Gaussian
@@ -350,18 +315,6 @@ SMALL = dict(obs_dim=4, action_dim=6, horizon=2, actor_hidden_dims=(16, 16), cri
 def small(variant: str, **kwargs):
     torch.manual_seed(0)
     return AGENT_CLASS[variant](**{**SMALL, **kwargs})
-
-
-def random_batch(B: int = 5, obs: int = 4, act: int = 6) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(1)
-    return {
-        "observations": torch.randn(B, obs, generator=gen),
-        "actions": torch.rand(B, act, generator=gen) * 2 - 1,
-        "rewards": -torch.rand(B, generator=gen),
-        "masks": torch.ones(B),
-        "valid": torch.ones(B),
-        "next_observations": torch.randn(B, obs, generator=gen),
-    }
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
