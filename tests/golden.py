@@ -622,3 +622,35 @@ def assert_reference_adam(opt: torch.optim.Optimizer, cfg: dict, maps: dict[str,
     assert not opt.defaults["amsgrad"] and not opt.defaults["maximize"]
     trained = {id(p) for group in opt.param_groups for p in group["params"]}
     assert trained == {id(p) for name in online for p, _ in maps[name].values()}
+
+
+def recorded_agent_of(cls: type, record: str, make_draw, keep: dict, agent: str | None = None):
+    """Agent ``cls`` as the record ``record`` starts its update, ready for one Trainer step.
+
+    Built with the record's hyperparameters (``agent_hparams``; every one of them set, nothing else but
+    NEUTRAL_HPARAMS) and weights; it draws with ``make_draw(arrays, config)`` (a ``recorded_draw``, which lists the
+    names asked for in ``model.draw_calls``); each method named in ``keep`` keeps its output on the model: method ->
+    attribute, or (attribute, index) for one element of a tuple output. Returns (model, maps, batch, arrays, meta).
+    """
+    arrays, meta = load(record)
+    hparams = agent_hparams(agent or record, arrays, meta)
+    draw = make_draw(arrays, meta["config"])
+
+    def keeping(method: str, attr: str | tuple[str, int]):
+        name, index = (attr, None) if isinstance(attr, str) else attr
+
+        def kept(self, *args, **kwargs):
+            out = getattr(super(recorded, self), method)(*args, **kwargs)
+            setattr(self, name, out if index is None else out[index])
+            return out
+
+        return kept
+
+    recorded = type(f"Recorded{cls.__name__}", (cls,), {"draw": draw, **{m: keeping(m, a) for m, a in keep.items()}})
+    model = recorded(**hparams)
+    assert set(model.hparams) - set(hparams) <= NEUTRAL_HPARAMS, sorted(set(model.hparams) - set(hparams))
+    assert {k: model.hparams[k] for k in hparams} == hparams
+    model.draw_calls = []
+    maps = param_maps(model, AGENT_NETS[agent or record])
+    load_params(maps, arrays)
+    return model, maps, recorded_batch(arrays), arrays, meta

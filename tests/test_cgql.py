@@ -18,11 +18,9 @@ import torch
 from golden import (
     AGENT_NETS,
     AGENT_ONLINE,
-    NEUTRAL_HPARAMS,
     OPTAX_ADAM,
     RTOL,
     UNIFORM_DRAWS,
-    agent_hparams,
     assert_params_and_adam_match,
     assert_reference_adam,
     capture_calls,
@@ -35,6 +33,7 @@ from golden import (
     one_trainer_step,
     param_maps,
     random_batch,
+    recorded_agent_of,
     recorded_batch,
     recorded_draw,
     recorded_draws,
@@ -250,33 +249,9 @@ def moment_tolerance(a: dict[str, np.ndarray], leaf: str, key: str) -> dict[str,
 
 
 def recorded_cgql():
-    arrays, meta = load(RECORD)
-    cfg = meta["config"]
-    hparams = agent_hparams("cgql", arrays, meta)
-    draws = recorded_draws(arrays, cfg)
-
-    class Recorded(CGQL):
-        draw = recorded_draw(draws, CGQL_UNIFORM)
-
-        def critic_loss(self, batch):
-            self.critic_out = super().critic_loss(batch)
-            return self.critic_out
-
-        def noisy_critic_loss(self, batch):
-            self.noisy_out = super().noisy_critic_loss(batch)
-            return self.noisy_out
-
-        def bc_loss(self, batch):
-            self.bc_out = super().bc_loss(batch)
-            return self.bc_out
-
-    model = Recorded(**hparams)
-    assert set(model.hparams) - set(hparams) <= NEUTRAL_HPARAMS, sorted(set(model.hparams) - set(hparams))
-    assert {k: model.hparams[k] for k in hparams} == hparams
-    model.draw_calls = []
-    maps = param_maps(model, NETS)
-    load_params(maps, arrays)
-    return model, maps, recorded_batch(arrays), arrays, meta
+    keep = {"critic_loss": "critic_out", "noisy_critic_loss": "noisy_out", "bc_loss": "bc_out"}
+    make_draw = lambda a, cfg: recorded_draw(recorded_draws(a, cfg), CGQL_UNIFORM)  # noqa: E731
+    return recorded_agent_of(CGQL, RECORD, make_draw, keep, agent="cgql")
 
 
 def test_one_trainer_step_reproduces_the_recorded_update():

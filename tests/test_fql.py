@@ -18,9 +18,7 @@ import torch
 from golden import (
     AGENT_NETS,
     AGENT_ONLINE,
-    NEUTRAL_HPARAMS,
     OPTAX_ADAM,
-    agent_hparams,
     assert_params_and_adam_match,
     assert_reference_adam,
     capture_calls,
@@ -34,6 +32,7 @@ from golden import (
     onestep_policy,
     param_maps,
     random_batch,
+    recorded_agent_of,
     recorded_batch,
     recorded_draw,
     recorded_draws,
@@ -184,34 +183,8 @@ def test_parameter_and_adam_changes_match(update):
 
 
 def recorded_fql():
-    arrays, meta = load("fql")
-    cfg = meta["config"]
-    hparams = agent_hparams("fql", arrays, meta)
-    draws = recorded_draws(arrays, cfg)
-
-    class Recorded(FQL):
-        draw = recorded_draw(draws)
-
-        def bc_loss(self, batch):
-            self.bc_out = super().bc_loss(batch)
-            return self.bc_out
-
-        def critic_loss(self, batch):
-            out = super().critic_loss(batch)
-            self.critic_out = out[0]
-            return out
-
-        def actor_losses(self, s):
-            self.actor_out = super().actor_losses(s)
-            return self.actor_out
-
-    model = Recorded(**hparams)
-    assert set(model.hparams) - set(hparams) <= NEUTRAL_HPARAMS, sorted(set(model.hparams) - set(hparams))
-    assert {k: model.hparams[k] for k in hparams} == hparams
-    model.draw_calls = []
-    maps = param_maps(model, NETS)
-    load_params(maps, arrays)
-    return model, maps, recorded_batch(arrays), arrays, meta
+    keep = {"bc_loss": "bc_out", "critic_loss": ("critic_out", 0), "actor_losses": "actor_out"}
+    return recorded_agent_of(FQL, "fql", lambda a, cfg: recorded_draw(recorded_draws(a, cfg)), keep)
 
 
 def test_one_trainer_step_reproduces_the_recorded_update():

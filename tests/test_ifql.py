@@ -18,9 +18,7 @@ from torch import nn
 from golden import (
     AGENT_NETS,
     AGENT_ONLINE,
-    NEUTRAL_HPARAMS,
     OPTAX_ADAM,
-    agent_hparams,
     assert_params_and_adam_match,
     assert_reference_adam,
     capture_calls,
@@ -33,6 +31,7 @@ from golden import (
     one_trainer_step,
     param_maps,
     random_batch,
+    recorded_agent_of,
     recorded_batch,
     recorded_draw,
     recorded_draws,
@@ -175,33 +174,8 @@ def test_parameter_and_adam_changes_match(update):
 
 
 def recorded_ifql():
-    arrays, meta = load("ifql")
-    cfg = meta["config"]
-    hparams = agent_hparams("ifql", arrays, meta)
-    draws = recorded_draws(arrays, cfg)
-
-    class Recorded(IFQL):
-        draw = recorded_draw(draws)
-
-        def value_loss(self, batch):
-            self.value_out = super().value_loss(batch)
-            return self.value_out
-
-        def critic_loss(self, batch):
-            self.critic_out = super().critic_loss(batch)
-            return self.critic_out
-
-        def bc_loss(self, batch):
-            self.bc_out = super().bc_loss(batch)
-            return self.bc_out
-
-    model = Recorded(**hparams)
-    assert set(model.hparams) - set(hparams) <= NEUTRAL_HPARAMS, sorted(set(model.hparams) - set(hparams))
-    assert {k: model.hparams[k] for k in hparams} == hparams
-    model.draw_calls = []
-    maps = param_maps(model, NETS)
-    load_params(maps, arrays)
-    return model, maps, recorded_batch(arrays), arrays, meta
+    keep = {"value_loss": "value_out", "critic_loss": "critic_out", "bc_loss": "bc_out"}
+    return recorded_agent_of(IFQL, "ifql", lambda a, cfg: recorded_draw(recorded_draws(a, cfg)), keep)
 
 
 def test_one_trainer_step_reproduces_the_recorded_update():

@@ -18,9 +18,7 @@ from golden import (
     AGENT_NETS,
     AGENT_ONLINE,
     GRAD_CLIP_NORM,
-    NEUTRAL_HPARAMS,
     OPTAX_ADAM,
-    agent_hparams,
     assert_params_and_adam_match,
     assert_reference_adam,
     capture_calls,
@@ -35,6 +33,7 @@ from golden import (
     param_maps,
     random_batch,
     record_shapes,
+    recorded_agent_of,
     recorded_batch,
     recorded_draw,
     recorded_draws,
@@ -234,39 +233,10 @@ def test_parameter_and_adam_changes_match(update):
 
 
 def recorded_agent(variant: str):
-    arrays, meta = load(variant)
-    cfg = meta["config"]
-    hparams = agent_hparams(variant, arrays, meta)
-    draws = recorded_draws(arrays, cfg)
-    K = cfg["flow_steps"]
-
-    class Recorded(AGENT_CLASS[variant]):
-        draw = recorded_draw(draws, flow_steps=K)
-
-        def bc_loss(self, batch, *noise):
-            self.bc_out = super().bc_loss(batch, *noise)
-            return self.bc_out
-
-        def critic_loss(self, batch, *noise, **given):
-            out = super().critic_loss(batch, *noise, **given)
-            self.critic_out = out[0]
-            return out
-
-        def actor_objective(self, s, x0, eps, **given):
-            self.am_out = super().actor_objective(s, x0, eps, **given)
-            return self.am_out
-
-        def policy_loss(self, s):
-            self.policy_out = super().policy_loss(s)
-            return self.policy_out
-
-    model = Recorded(**hparams)
-    assert set(model.hparams) - set(hparams) <= NEUTRAL_HPARAMS, sorted(set(model.hparams) - set(hparams))
-    assert {k: model.hparams[k] for k in hparams} == hparams
-    model.draw_calls = []
-    maps = param_maps(model, AGENT_NETS[variant])
-    load_params(maps, arrays)
-    return model, maps, recorded_batch(arrays), arrays, meta
+    keep = {"bc_loss": "bc_out", "critic_loss": ("critic_out", 0), "actor_objective": "am_out",
+            "policy_loss": "policy_out"}  # fmt: skip
+    make_draw = lambda a, cfg: recorded_draw(recorded_draws(a, cfg), flow_steps=cfg["flow_steps"])  # noqa: E731
+    return recorded_agent_of(AGENT_CLASS[variant], variant, make_draw, keep)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
