@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
 
 from . import hardware
+from .lightning_internals import validates_after_this_batch
 
 
 class FinalEvaluation(pl.Callback):
@@ -27,14 +28,6 @@ class FinalEvaluation(pl.Callback):
             not isinstance(interval, int) or trainer.global_step % interval != 0
         ):
             trainer.should_stop = True
-
-
-def evaluates_after_this_batch(trainer: pl.Trainer) -> bool:
-    """Whether Lightning's loop runs the validation right after the current training batch (its own predicate)."""
-    if not trainer.enable_validation:
-        return False
-    fit_loop = trainer.fit_loop
-    return bool(fit_loop.epoch_loop._should_check_val_fx(fit_loop._data_fetcher))
 
 
 class Checkpoint(ModelCheckpoint):
@@ -55,7 +48,7 @@ class Checkpoint(ModelCheckpoint):
         if self._after_evaluation is not None:  # the loop did not evaluate after all: say so, save as usual
             rank_zero_warn(f"no evaluation ran at step {self._after_evaluation}: its checkpoint was not written")
             self._after_evaluation = None
-        if not trainer.sanity_checking and evaluates_after_this_batch(trainer):
+        if not trainer.sanity_checking and validates_after_this_batch(trainer):
             self._after_evaluation = trainer.global_step
             return
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)

@@ -28,17 +28,12 @@ import torch
 
 from .checkpoint import check_checkpoint_file  # noqa: F401 (re-exported: its old home)
 from .data.replay import gather_from_ranks
+from .lightning_internals import logged_step
 from .rng import ONLINE_ACT, ONLINE_RESET, fold_seed, seeded
 
 _DM_METHODS = ("make_replay_buffer", "make_online_env", "defer_sampling_from", "state_dict", "load_state_dict")
 _STATE_KEYS = ("env_id", "env_steps", "episodes", "offline_steps", "utd_ratio", "start_training")
 # Checkpoints since 0.1 also hold "progress": each rank's episode in progress (its actions, the rest of the chunk).
-
-
-def _log_step(trainer: pl.Trainer) -> int:
-    # The x value Lightning gives its own scalars at this point (after update g it is g - 1, as for train/* and
-    # eval/*), so online/* lines up with them.
-    return int(getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step))
 
 
 class OnlinePhase(pl.Callback):
@@ -238,7 +233,7 @@ class OnlinePhase(pl.Callback):
             self._obs = next_obs
             if done:
                 success = float(info["success"]) if "success" in info else None
-                self._finished.append((_log_step(trainer), self._episode[0], success, self._episode[1]))
+                self._finished.append((logged_step(trainer), self._episode[0], success, self._episode[1]))
                 self._reset(trainer)
 
     def _catch_up(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -305,7 +300,7 @@ class OnlinePhase(pl.Callback):
             counters = {"online/env_steps": float(self.env_steps), "online/buffer_size": float(len(self.buffer))}
             if self.env_steps > n0:
                 counters["online/env_steps_per_sec"] = rate
-            logger.log_metrics(counters, step=_log_step(trainer))
+            logger.log_metrics(counters, step=logged_step(trainer))
 
     # ---- checkpoint ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -7,6 +7,8 @@ from typing import ClassVar
 
 from torch import Tensor
 
+from ..lightning_internals import logs_this_step
+
 
 class StepLogging:
     """Mixin of :class:`~trqam_lit.agents.base.FlowAgent` (a LightningModule).
@@ -31,10 +33,7 @@ class StepLogging:
         scalars are computed and handed to Lightning only on the steps its loggers write; the progress bar shows
         them at that rate too.
         """
-        if self._trainer is None:
-            return False
-        trainer = self.trainer
-        return bool(trainer.fast_dev_run) or trainer._logger_connector.should_update_logs
+        return self._trainer is not None and logs_this_step(self.trainer)
 
     def log_step(self, values: dict[str, Tensor], prog_bar: Sequence[str] = ()) -> None:
         """Log per-step scalars (on a logging step; see :attr:`logging_this_step`)."""
