@@ -40,7 +40,7 @@ def main() -> None:
     import torch
 
     from trqam_lit.cli import build_cli
-    from trqam_lit.online import OnlinePhase
+    from trqam_lit.training.online import OnlinePhase
 
     class GradTimer(pl.Callback):
         """Wall time between the start and the end of each online update (first in the callback list, so the

@@ -14,8 +14,8 @@ import time
 
 import torch
 
-from trqam_lit.nets import VelocityField
-from trqam_lit.sde import FlowSDE, rollout
+from trqam_lit.math.nets import VelocityField
+from trqam_lit.math.sde import FlowSDE, rollout
 
 SETTINGS = {
     # name: (batch, chunk dim A, obs dim, width, K)

@@ -16,6 +16,7 @@ figures only as ratios from one run on one machine.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -58,7 +59,7 @@ def measure(
     import torch
     from torch.utils.data import DataLoader, IterableDataset
 
-    from trqam_lit.callbacks import MatmulPrecision
+    from trqam_lit.training.callbacks import MatmulPrecision
 
     batch, obs, act, horizon, width, critics, K = SETTINGS[setting]
 
@@ -144,9 +145,10 @@ def measure_eval(env_name: str, num_envs: int, episodes: int, horizon: int, widt
     import torch
 
     from trqam_lit.data import OGBenchDataModule
-    from trqam_lit.evaluation import OGBenchEvaluator, make_ogbench_env
-    from trqam_lit.flow import sample_actions
-    from trqam_lit.nets import VelocityField
+    from trqam_lit.data.loading import make_ogbench_env
+    from trqam_lit.math.flow import sample_actions
+    from trqam_lit.math.nets import VelocityField
+    from trqam_lit.training.evaluation import RolloutEvaluator
 
     dm = OGBenchDataModule(env_name=env_name, dataset_dir="fixture", horizon=horizon)
     net = VelocityField(dm.obs_dim, dm.chunk_dim, (width,) * 4)
@@ -195,7 +197,8 @@ def measure_eval(env_name: str, num_envs: int, episodes: int, horizon: int, widt
     runs = [(f"{num_envs}env", num_envs, 0, act), ("1env", 1, 0, act), (workers_name, num_envs, workers, act),
             (f"{workers_name}_no_policy", num_envs, workers, free)]  # fmt: skip
     for name, n, w, fn in runs:
-        ev = OGBenchEvaluator(env_name, horizon, dm.action_dim, num_episodes=episodes, num_envs=n, workers=w)
+        make_env = functools.partial(make_ogbench_env, env_name)
+        ev = RolloutEvaluator(make_env, horizon, dm.action_dim, num_episodes=episodes, num_envs=n, workers=w)
         ev.envs(n)  # environment construction (and worker start) is not stepping time
         t0 = time.perf_counter()
         out = ev.evaluate(fn)
@@ -230,7 +233,7 @@ def main() -> None:
         "--matmul-precision",
         default="ieee",
         choices=["ieee", "bf16", "tf32"],
-        help="internal precision of float32 matmuls (trqam_lit.callbacks.MatmulPrecision): bf16 on CPUs with native "
+        help="internal precision of float32 matmuls (training.callbacks.MatmulPrecision): bf16 on CPUs with native "
         "bf16, tf32 on CUDA",
     )
     parser.add_argument("--eval-env", default=None, help="also measure evaluation env steps/s on this env")

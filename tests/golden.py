@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trqam_lit.nets import CriticEnsemble, LogParam, OneStepPolicy, StateValue, TanhGaussianPolicy, VelocityField
+from trqam_lit.math.nets import CriticEnsemble, LogParam, OneStepPolicy, StateValue, TanhGaussianPolicy, VelocityField
 
 GOLDEN_DIR = Path(__file__).parent / "fixtures" / "golden"
 
@@ -241,7 +241,7 @@ def check_reference_config(agent: str, cfg: dict) -> None:
 
 
 def dual_hparams(cfg: dict) -> dict:
-    """The dual step's hyperparameters in :func:`trqam_lit.dual.dual_step`'s names, from the reference config."""
+    """The dual step's hyperparameters in :func:`trqam_lit.math.dual.dual_step`'s names, from the reference config."""
     return {
         "eps_kl": cfg["kl_budget"],
         "eta": cfg["eta_lambda"],

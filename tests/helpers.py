@@ -79,7 +79,7 @@ class OnlineDump(pl.Callback):
         self._started = False
 
     def _dump(self, trainer, pl_module, tag: str) -> None:
-        from trqam_lit.online import OnlinePhase
+        from trqam_lit.training.online import OnlinePhase
 
         (online,) = [c for c in trainer.callbacks if isinstance(c, OnlinePhase)]
         buf = online.buffer
@@ -160,7 +160,7 @@ def run_dir(root, sub: str = "runs") -> str:
 
 def spec_dual_step(lam: float, ema: float, kl: float, eps_kl: float, eta: float) -> tuple[float, float]:
     """One projected dual-descent step as the spec (section 4) writes it, with TRQAM's default rho = 0.1, KL clip
-    2 eps_kl and lambda in [0.01, 100]; written out here rather than calling trqam_lit.dual, so that a change to that
+    2 eps_kl and lambda in [0.01, 100]; written out here rather than calling math.dual, so that a change to that
     code is caught. Returns (lambda, KL average)."""
     ema = 0.9 * ema + 0.1 * min(kl, 2.0 * eps_kl)
     return min(max(lam + eta * (ema - eps_kl), 0.01), 100.0), ema

@@ -34,10 +34,10 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-import trqam_lit.verify as verify
+import trqam_lit.tools.verify as verify
 from helpers import one_torch_thread  # noqa: F401 (autouse fixture)
-from trqam_lit.adjoint import adjoint_matching_objective
-from trqam_lit.verify import gaussian_linear, gaussian_velocity
+from trqam_lit.math.adjoint import adjoint_matching_objective
+from trqam_lit.tools.verify import gaussian_linear, gaussian_velocity
 
 K, N = 200, 6000  # N: one chunk of verify at dim 3 (its CHUNK_ELEMENTS / (K dim) = 6666 samples)
 CASES = {

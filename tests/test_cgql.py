@@ -50,10 +50,10 @@ from trqam_lit.agents.cgql import (
     linex_loss,
     noisy_critic_loss,
 )
-from trqam_lit.critic import critic_loss, ensemble_pessimistic_value, td_target
-from trqam_lit.flow import bc_flow_loss, sample_actions
-from trqam_lit.nets import CriticEnsemble
-from trqam_lit.targets import polyak_update
+from trqam_lit.math.critic import critic_loss, ensemble_pessimistic_value, td_target
+from trqam_lit.math.flow import bc_flow_loss, sample_actions
+from trqam_lit.math.nets import CriticEnsemble
+from trqam_lit.math.targets import polyak_update
 
 RECORD = "cgql-linex"
 NETS, ONLINE = AGENT_NETS["cgql"], AGENT_ONLINE["cgql"]

@@ -11,7 +11,7 @@ import yaml
 from helpers import CONFIGS, assert_dual_descent, fast_trainer_args, read_scalars, run_cli, run_dir
 from trqam_lit.agents import AGENTS
 from trqam_lit.cli import build_cli
-from trqam_lit.experiment import Grid
+from trqam_lit.tools.experiment import Grid
 
 QUICK = str(CONFIGS / "quickstart.yaml")
 SMALL = [
@@ -89,7 +89,7 @@ def test_validate_a_saved_policy_on_the_fixture(fixture_run):
     assert len(scalars["eval/success"]) == 1  # one evaluation of the 2 episodes
     assert_cube_single_evaluation(scalars)
     # its policy as a file names the run's dataset (whose single-task environment a deployment loop makes)
-    from trqam_lit.export import export_checkpoint
+    from trqam_lit.tools.export import export_checkpoint
 
     meta = export_checkpoint(ckpt, root / "policy.pt2")
     assert meta["env_name"] == "cube-single-play-singletask-task5-v0" and meta["global_step"] == STEPS

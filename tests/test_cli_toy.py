@@ -13,9 +13,9 @@ import torch
 import yaml
 
 from helpers import CONFIGS, assert_dual_descent, fast_trainer_args, read_scalars, run_cli, run_dir
-from trqam_lit.dual import dual_step
-from trqam_lit.flow import sample_actions
-from trqam_lit.rng import EVAL_NOISE, seeded
+from trqam_lit.math.dual import dual_step
+from trqam_lit.math.flow import sample_actions
+from trqam_lit.training.rng import EVAL_NOISE, seeded
 
 TOY = str(CONFIGS / "toy" / "bandit.yaml")
 SMALL = ["--model.init_args.bc_warmup_steps=10", "--data.init_args.eval_samples=200", "--data.init_args.batch_size=64"]
@@ -26,7 +26,7 @@ FIT_STEPS = 30  # the toy_run fixture's max_steps
 
 def checkpoint_eval_returns(ckpt, step: int) -> dict[str, float]:
     """The toy evaluation's return of the checkpoint's v_ft and of its v_bc, both from the acting noise that an
-    evaluation at global step ``step`` draws (trqam_lit.rng: seeded by (seed, rank, step); what FlowAgent.act draws)."""
+    evaluation at global step ``step`` draws (training.rng: seeded by (seed, rank, step); what FlowAgent.act draws)."""
     from trqam_lit.agents import TRQAM
 
     model = TRQAM.load_from_checkpoint(ckpt, map_location="cpu")
@@ -132,7 +132,7 @@ def test_print_config_resolves_links_and_classes(tmp_path):
     proc = run_cli(["fit", "--config", TOY, "--print_config"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "class_path: trqam_lit.agents.TRQAM" in proc.stdout
-    assert "class_path: trqam_lit.toy.ToyBanditDataModule" in proc.stdout
+    assert "class_path: trqam_lit.data.ToyBanditDataModule" in proc.stdout
     assert "every_n_train_steps" in proc.stdout
 
 
@@ -273,13 +273,13 @@ def test_init_from_a_bc_checkpoint_starts_fine_tuning_from_v_bc(tmp_path):
 def test_a_config_without_a_trainer_section_gets_the_documented_defaults(tmp_path, monkeypatch):
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    from trqam_lit.checkpoint import AtomicCheckpointIO
     from trqam_lit.cli import build_cli
+    from trqam_lit.training.checkpoint import AtomicCheckpointIO
 
     cfg = tmp_path / "bare.yaml"
     cfg.write_text(
         "model:\n  class_path: trqam_lit.agents.TRQAM\n  init_args: {actor_hidden_dims: [8], critic_hidden_dims: [8]}\n"
-        "data:\n  class_path: trqam_lit.toy.ToyBanditDataModule\n  init_args: {discount: 0.9}\n"
+        "data:\n  class_path: trqam_lit.data.ToyBanditDataModule\n  init_args: {discount: 0.9}\n"
     )
     monkeypatch.chdir(tmp_path)
     cli = build_cli(["--config", str(cfg)], run=False)
@@ -299,7 +299,7 @@ def test_omegaconf_interpolation_in_configs(tmp_path, monkeypatch):
     cfg.write_text(
         "model:\n  class_path: trqam_lit.agents.TRQAM\n  init_args:\n    actor_hidden_dims: [48, 48]\n"
         "    critic_hidden_dims: ${model.init_args.actor_hidden_dims}\n"
-        "data:\n  class_path: trqam_lit.toy.ToyBanditDataModule\n"
+        "data:\n  class_path: trqam_lit.data.ToyBanditDataModule\n"
     )
     monkeypatch.chdir(tmp_path)
     cli = build_cli(["--config", str(cfg)], run=False)
@@ -360,7 +360,7 @@ def test_export_writes_a_policy_file_that_reproduces_the_runs_final_evaluation(t
     import shutil
 
     from trqam_lit.agents import TRQAM
-    from trqam_lit.export import load_policy
+    from trqam_lit.tools.export import load_policy
 
     root, _ = toy_run
     ckpt = root / "final.ckpt"  # the default output is beside the checkpoint, with .pt2

@@ -20,12 +20,12 @@ import torch
 from torch import nn
 
 from helpers import one_torch_thread  # noqa: F401 (autouse fixture)
-from trqam_lit.adjoint import adjoint_matching_objective
-from trqam_lit.dual import DualDescent
-from trqam_lit.flow import euler_ode
-from trqam_lit.nets import VelocityField
-from trqam_lit.sde import FlowSDE, rollout
-from trqam_lit.verify import (
+from trqam_lit.math.adjoint import adjoint_matching_objective
+from trqam_lit.math.dual import DualDescent
+from trqam_lit.math.flow import euler_ode
+from trqam_lit.math.nets import VelocityField
+from trqam_lit.math.sde import FlowSDE, rollout
+from trqam_lit.tools.verify import (
     exact_lean_adjoint,
     exact_tilt_control,
     gaussian_linear,

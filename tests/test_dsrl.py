@@ -41,11 +41,11 @@ from golden import (
 from helpers import one_torch_thread  # noqa: F401  (autouse)
 from trqam_lit.agents import DSRL
 from trqam_lit.agents.dsrl import latent_actor_loss, latent_distillation_loss, steered_actions
-from trqam_lit.critic import critic_loss, ensemble_pessimistic_value, td_target
-from trqam_lit.flow import bc_flow_loss, sample_actions
-from trqam_lit.nets import LogParam, TanhGaussianPolicy
-from trqam_lit.tanh_gaussian import tanh_gaussian_log_prob, tanh_gaussian_sample, temperature_loss
-from trqam_lit.targets import polyak_update
+from trqam_lit.math.critic import critic_loss, ensemble_pessimistic_value, td_target
+from trqam_lit.math.flow import bc_flow_loss, sample_actions
+from trqam_lit.math.nets import LogParam, TanhGaussianPolicy
+from trqam_lit.math.tanh_gaussian import tanh_gaussian_log_prob, tanh_gaussian_sample, temperature_loss
+from trqam_lit.math.targets import polyak_update
 
 NETS, ONLINE = AGENT_NETS["dsrl"], AGENT_ONLINE["dsrl"]
 TARGETS = tuple(name for name in NETS if name not in ONLINE)

@@ -9,6 +9,7 @@ ranks (disjoint, covering all, each episode's seed fixed by its index). These ru
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import signal
@@ -22,13 +23,14 @@ import numpy as np
 import pytest
 import torch
 
-import trqam_lit.evaluation as evaluation
+import trqam_lit.training.evaluation as evaluation
 from helpers import CONFIGS
 from trqam_lit.agents import BC, TRQAM
-from trqam_lit.checkpoint import check_checkpoint_file
 from trqam_lit.cli import build_cli
-from trqam_lit.evaluation import OGBenchEvaluator, make_ogbench_env
-from trqam_lit.toy import ToyBanditDataModule
+from trqam_lit.data.loading import make_ogbench_env
+from trqam_lit.data.toy import ToyBanditDataModule
+from trqam_lit.training.checkpoint import check_checkpoint_file
+from trqam_lit.training.evaluation import RolloutEvaluator
 
 CUBE = "cube-single-play-singletask-task5-v0"
 CUBE_ACT = 5  # per-step action dimension of the cube environments
@@ -205,6 +207,11 @@ class Recorder(gymnasium.Wrapper):
         return obs, reward, terminated, truncated, info
 
 
+def ogbench(env_name: str) -> functools.partial:
+    """OGBench's environment factory for ``env_name`` (picklable, for worker processes)."""
+    return functools.partial(make_ogbench_env, env_name)
+
+
 @pytest.fixture(scope="module")
 def cube_envs() -> list:
     """Two real environments (each takes seconds to build), shared by every evaluator below."""
@@ -212,25 +219,22 @@ def cube_envs() -> list:
 
 
 class RecordedEnvs:
-    """Stands in for ``evaluation.make_ogbench_env``: each env an evaluator builds is a Recorder around a real one
+    """An evaluator's environment factory: each env an evaluator builds is a Recorder around a real one
     (consecutive builds get different real envs, so one evaluator's two envs never share one)."""
 
     def __init__(self, cube_envs: list) -> None:
         self.cube_envs, self.made = cube_envs, []
         self.max_steps, self.scripts = 200, []
 
-    def __call__(self, env_name: str) -> Recorder:
-        assert env_name == CUBE
+    def __call__(self) -> Recorder:
         rec = Recorder(self.cube_envs[len(self.made) % len(self.cube_envs)], self.max_steps, self.scripts)
         self.made.append(rec)
         return rec
 
 
 @pytest.fixture
-def recorded(cube_envs, monkeypatch) -> RecordedEnvs:
-    envs = RecordedEnvs(cube_envs)
-    monkeypatch.setattr(evaluation, "make_ogbench_env", envs)
-    return envs
+def recorded(cube_envs) -> RecordedEnvs:
+    return RecordedEnvs(cube_envs)
 
 
 def zero_policy(obs: torch.Tensor, chunk_dim: int):
@@ -254,7 +258,7 @@ def test_chunk_actions_run_first_first_from_the_row_major_chunk(recorded):
         chunks.append(chunk)
         return chunk.expand(obs.shape[0], -1)
 
-    out = OGBenchEvaluator(CUBE, horizon=H, action_dim=CUBE_ACT, num_episodes=1, num_envs=1, seed=7).evaluate(act)
+    out = RolloutEvaluator(recorded, horizon=H, action_dim=CUBE_ACT, num_episodes=1, num_envs=1, seed=7).evaluate(act)
     (env,) = recorded.made
     expected = torch.cat([c.reshape(H, CUBE_ACT) for c in chunks])[:steps].numpy()
     np.testing.assert_array_equal(np.stack(env.actions), expected)
@@ -272,7 +276,7 @@ def test_success_is_info_success_at_the_final_step(recorded):
     #   never                                                  -> 0
     recorded.max_steps = 5
     recorded.scripts = [({2}, None), ({3}, 3), ({5}, None), (set(), None)]
-    ev = OGBenchEvaluator(CUBE, horizon=2, action_dim=CUBE_ACT, num_episodes=4, num_envs=2, seed=0)
+    ev = RolloutEvaluator(recorded, horizon=2, action_dim=CUBE_ACT, num_episodes=4, num_envs=2, seed=0)
     out = ev.evaluate(lambda obs: zero_policy(obs, 2 * CUBE_ACT))
     assert not recorded.scripts  # each script ran in exactly one episode
     got = sorted(zip(out["success"].tolist(), out["length"].tolist(), strict=True))
@@ -289,7 +293,7 @@ def test_episodes_are_sharded_over_ranks_with_seeds_fixed_by_episode(recorded):
 
     def run(rank: int, world: int, num_envs: int) -> dict[int, np.ndarray]:
         start = len(recorded.made)
-        ev = OGBenchEvaluator(CUBE, horizon=2, action_dim=CUBE_ACT, num_episodes=num_episodes, num_envs=num_envs)
+        ev = RolloutEvaluator(recorded, horizon=2, action_dim=CUBE_ACT, num_episodes=num_episodes, num_envs=num_envs)
         out = ev.evaluate(lambda obs: zero_policy(obs, 2 * CUBE_ACT), rank=rank, world_size=world)
         resets = [r for env in recorded.made[start:] for r in env.resets]
         assert len(out["success"]) == len(out["return"]) == len(out["length"]) == len(resets)
@@ -334,8 +338,8 @@ def test_worker_processes_run_the_same_episodes_as_the_training_process():
         return act
 
     local_obs, first_obs, again_obs = [], [], []
-    local = OGBenchEvaluator(CUBE, **kwargs).evaluate(recording(local_obs))
-    ev = OGBenchEvaluator(CUBE, workers=2, **kwargs)
+    local = RolloutEvaluator(ogbench(CUBE), **kwargs).evaluate(recording(local_obs))
+    ev = RolloutEvaluator(ogbench(CUBE), workers=2, **kwargs)
     try:
         first = ev.evaluate(recording(first_obs))
         pids = [p.pid for p in ev._pool.procs]
@@ -397,11 +401,10 @@ class InlinePool:
         return handle
 
 
-def test_worker_schedule_overlaps_policy_and_physics_with_the_same_calls_as_in_process(monkeypatch):
+def test_worker_schedule_overlaps_policy_and_physics_with_the_same_calls_as_in_process():
     # The workers' schedule issues a group's policy call while the other group's chunks are being stepped (two
     # requests outstanding), and still makes exactly the in-process sequence of policy calls (same inputs, same
     # order) when the groups' environments finish at different times: 7 episodes, waves of 5 (groups 3 + 2) and 2.
-    monkeypatch.setattr(evaluation, "make_ogbench_env", lambda name: CountdownEnv())
     kwargs = dict(horizon=2, action_dim=1, num_episodes=7, num_envs=5, seed=0)
 
     def recording(seen):
@@ -412,8 +415,8 @@ def test_worker_schedule_overlaps_policy_and_physics_with_the_same_calls_as_in_p
         return act
 
     local_seen, pooled_seen = [], []
-    local = OGBenchEvaluator("countdown", **kwargs).evaluate(recording(local_seen))
-    ev = OGBenchEvaluator("countdown", workers=2, **kwargs)
+    local = RolloutEvaluator(CountdownEnv, **kwargs).evaluate(recording(local_seen))
+    ev = RolloutEvaluator(CountdownEnv, workers=2, **kwargs)
     ev._pool = pool = InlinePool()
     pooled = ev.evaluate(recording(pooled_seen))
     assert len(set(local["length"].tolist())) > 3 and 0 < local["success"].sum() < 7  # uneven ends, both kinds
@@ -425,21 +428,21 @@ def test_worker_schedule_overlaps_policy_and_physics_with_the_same_calls_as_in_p
 
 
 def test_a_failing_evaluation_worker_raises_with_its_traceback():
-    ev = OGBenchEvaluator("cube-single-play-singletask-task99-v0", horizon=2, action_dim=CUBE_ACT, num_episodes=1,
-                          num_envs=1, workers=1)  # fmt: skip
+    missing = ogbench("cube-single-play-singletask-task99-v0")
+    ev = RolloutEvaluator(missing, horizon=2, action_dim=CUBE_ACT, num_episodes=1, num_envs=1, workers=1)
     try:
         with pytest.raises(RuntimeError, match=r"(?s)evaluation worker 0 failed:.*Traceback"):
             ev.evaluate(lambda obs: observation_policy(obs, 2 * CUBE_ACT))
     finally:
         ev.close()
     with pytest.raises(ValueError, match="workers must be >= 0"):
-        OGBenchEvaluator(CUBE, horizon=2, action_dim=CUBE_ACT, workers=-1)
+        RolloutEvaluator(ogbench(CUBE), horizon=2, action_dim=CUBE_ACT, workers=-1)
 
 
 def test_a_killed_evaluation_worker_is_reported_and_the_evaluator_still_closes():
     # A worker killed from outside (the OOM killer, a stray signal) between evaluations: the next evaluation raises
     # a clear error naming the worker and its exit code (not a bare BrokenPipeError from the pipe), and close() works.
-    ev = OGBenchEvaluator(CUBE, horizon=2, action_dim=CUBE_ACT, num_episodes=2, num_envs=2, workers=2)
+    ev = RolloutEvaluator(ogbench(CUBE), horizon=2, action_dim=CUBE_ACT, num_episodes=2, num_envs=2, workers=2)
     try:
         ev.evaluate(lambda obs: observation_policy(obs, 2 * CUBE_ACT))
         victim = ev._pool.procs[1]

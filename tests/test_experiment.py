@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from helpers import read_scalars
-from trqam_lit.experiment import LOCK, Grid, print_commands, threads_per_job
+from trqam_lit.tools.experiment import LOCK, Grid, print_commands, threads_per_job
 
 STEPS = 40
 AGENT = """
@@ -29,7 +29,7 @@ model:
   init_args: {{sde_solver: fused, actor_hidden_dims: [16, 16], critic_hidden_dims: [16, 16], num_critics: 2,
               bc_warmup_steps: 10, {extra}}}
 data:
-  class_path: trqam_lit.toy.ToyBanditDataModule
+  class_path: trqam_lit.data.ToyBanditDataModule
   init_args: {{action_dim: 1, std: 0.3, reward: linear, c: 3.0, batch_size: 32, eval_samples: 16}}
 """
 
@@ -46,7 +46,7 @@ def write_grid(tmp_path: Path) -> Path:
 
 def exp(*args: str, cwd: Path, **kwargs) -> subprocess.Popen:
     env = {**os.environ, "MUJOCO_GL": "disable", "PYTHONWARNINGS": "ignore"}
-    return subprocess.Popen([sys.executable, "-m", "trqam_lit.experiment", *args], cwd=cwd, env=env,
+    return subprocess.Popen([sys.executable, "-m", "trqam_lit.tools.experiment", *args], cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)  # fmt: skip
 
 
@@ -208,7 +208,7 @@ def test_the_report_takes_final_values_from_finished_runs_only(tmp_path, monkeyp
     # it out and names it.
     from torch.utils.tensorboard import SummaryWriter
 
-    from trqam_lit.report import report
+    from trqam_lit.tools.report import report
 
     monkeypatch.chdir(tmp_path)
     grid = Grid.load(write_grid(tmp_path))
@@ -240,7 +240,7 @@ def test_a_finished_run_whose_config_or_overrides_changed_is_named_when_skipped(
     import io
     import json
 
-    from trqam_lit.experiment import run_grid
+    from trqam_lit.tools.experiment import run_grid
 
     monkeypatch.chdir(tmp_path)
     grid = Grid.load(write_grid(tmp_path))
@@ -275,7 +275,7 @@ def test_a_finished_run_whose_config_or_overrides_changed_is_named_when_skipped(
 def test_threads_per_run_can_be_set_for_runners_side_by_side(tmp_path, monkeypatch):
     import io
 
-    from trqam_lit import experiment
+    from trqam_lit.tools import experiment
 
     monkeypatch.chdir(tmp_path)
     grid = Grid.load(write_grid(tmp_path))
@@ -302,7 +302,7 @@ def test_a_run_that_another_runner_holds_is_left_alone(tmp_path, monkeypatch):
     import fcntl
     import io
 
-    from trqam_lit import experiment
+    from trqam_lit.tools import experiment
 
     monkeypatch.chdir(tmp_path)
     grid = Grid.load(write_grid(tmp_path))
@@ -330,7 +330,7 @@ def test_a_failing_run_is_reported_failed_not_finished_and_gets_its_threads(tmp_
     # runner's thread count in OMP_NUM_THREADS / MKL_NUM_THREADS whatever this process has.
     import io
 
-    from trqam_lit import experiment
+    from trqam_lit.tools import experiment
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("OMP_NUM_THREADS", "7")
@@ -358,7 +358,7 @@ def test_a_step_written_again_after_a_resume_reads_as_its_last_write(tmp_path):
     # A resumed run logs the steps after its checkpoint again, into a new event file: the later write is the value.
     from torch.utils.tensorboard import SummaryWriter
 
-    from trqam_lit.report import read_run
+    from trqam_lit.tools.report import read_run
 
     for value, wall_time in ((0.1, 100.0), (0.5, 200.0)):
         with SummaryWriter(str(tmp_path), filename_suffix=f".{int(wall_time)}") as writer:
@@ -368,7 +368,7 @@ def test_a_step_written_again_after_a_resume_reads_as_its_last_write(tmp_path):
 
 
 def test_final_values_are_the_last_evaluation_and_the_mean_of_the_last_training_scalars():
-    from trqam_lit.report import FINAL_WINDOW, final_value
+    from trqam_lit.tools.report import FINAL_WINDOW, final_value
 
     series = {step: float(step) for step in range(0, 100, 10)}  # 0, 10, ..., 90
     assert final_value("eval/success", series) == 90.0

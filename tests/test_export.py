@@ -1,4 +1,4 @@
-"""`trqam_lit.export`: a policy file that acts with torch alone and gives the agent's own action chunks."""
+"""`trqam_lit.tools.export`: a policy file that acts with torch alone and gives the agent's own action chunks."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import trqam_lit.agents as agents
-from trqam_lit.export import META, export_checkpoint, export_policy, load_policy
-from trqam_lit.flow import sample_actions
+from trqam_lit.math.flow import sample_actions
+from trqam_lit.tools.export import META, export_checkpoint, export_policy, load_policy
 
 SMALL = dict(obs_dim=5, action_dim=6, horizon=2, actor_hidden_dims=[16, 16], critic_hidden_dims=[16, 16], num_critics=2)
 

@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from helpers import read_scalars
-from trqam_lit.adjoint import lean_adjoint
 from trqam_lit.agents import TRQAM
-from trqam_lit.nets import VelocityField, gelu_tanh
-from trqam_lit.toy import ToyBanditDataModule
+from trqam_lit.data.toy import ToyBanditDataModule
+from trqam_lit.math.adjoint import lean_adjoint
+from trqam_lit.math.nets import VelocityField, gelu_tanh
 
 OBS, ACT, B, K = 7, 5, 16, 10
 

@@ -40,9 +40,9 @@ from golden import (
 )
 from helpers import one_torch_thread  # noqa: F401  (autouse)
 from trqam_lit.agents import FQL
-from trqam_lit.critic import actor_q_loss, critic_loss, ensemble_pessimistic_value, td_target
-from trqam_lit.flow import bc_flow_loss, distillation_loss, euler_ode, onestep_actions, sample_actions
-from trqam_lit.targets import polyak_update
+from trqam_lit.math.critic import actor_q_loss, critic_loss, ensemble_pessimistic_value, td_target
+from trqam_lit.math.flow import bc_flow_loss, distillation_loss, euler_ode, onestep_actions, sample_actions
+from trqam_lit.math.targets import polyak_update
 
 NETS, ONLINE = AGENT_NETS["fql"], AGENT_ONLINE["fql"]
 TARGETS = tuple(name for name in NETS if name not in ONLINE)

@@ -25,12 +25,12 @@ from golden import (
     t,
     update_tolerance,
 )
-from trqam_lit.adjoint import adjoint_matching_objective, adjoint_matching_terms
-from trqam_lit.critic import critic_loss, ensemble_pessimistic_value, td_target
-from trqam_lit.dual import DualDescent, dual_step
-from trqam_lit.flow import bc_flow_loss, sample_actions
-from trqam_lit.sde import flow_time_grid, memoryless_g, path_kl_terms
-from trqam_lit.targets import polyak_update
+from trqam_lit.math.adjoint import adjoint_matching_objective, adjoint_matching_terms
+from trqam_lit.math.critic import critic_loss, ensemble_pessimistic_value, td_target
+from trqam_lit.math.dual import DualDescent, dual_step
+from trqam_lit.math.flow import bc_flow_loss, sample_actions
+from trqam_lit.math.sde import flow_time_grid, memoryless_g, path_kl_terms
+from trqam_lit.math.targets import polyak_update
 
 RTOL = 1e-4
 ONLINE = ("critic", "actor_slow", "actor_fast")

@@ -27,8 +27,8 @@ from golden import (
     recorded_draw,
     recorded_draws,
 )
-from trqam_lit.adjoint import adjoint_matching_terms
 from trqam_lit.agents import QAM, TRQAM, adjoint_matching
+from trqam_lit.math.adjoint import adjoint_matching_terms
 
 NETS = {"actor_fast": "v_ft", "actor_slow": "v_bc", "target_actor_slow": "v_base", "critic": "critic",
         "target_critic": "target_critic"}  # fmt: skip

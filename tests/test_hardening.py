@@ -21,8 +21,8 @@ from trqam_lit.agents import BC, CGQL, QAM, TRQAM
 from trqam_lit.agents.update_guard import AppliedUpdate
 from trqam_lit.data import OGBenchDataModule
 from trqam_lit.data.errors import DatasetFormatError
-from trqam_lit.rng import EVAL_NOISE, seeded
-from trqam_lit.toy import ToyBanditDataModule
+from trqam_lit.data.toy import ToyBanditDataModule
+from trqam_lit.training.rng import EVAL_NOISE, seeded
 
 FIXTURES = Path(trqam_lit.__file__).parent / "data" / "fixtures"
 
@@ -208,7 +208,7 @@ def test_draws_are_a_function_of_seed_rank_and_step_only():
     assert not torch.equal(seven, draws(0, 5))
 
     # Within one step the draws continue one stream (bc/x0, critic/next_noise, am/x0 are different noise), and that
-    # stream is not the evaluation's acting noise at the same step (trqam_lit.rng: one seed per purpose).
+    # stream is not the evaluation's acting noise at the same step (trqam_lit.training.rng: one seed per purpose).
     model._trainer = types.SimpleNamespace(global_rank=0, global_step=5)
     model._gen_step = -1
     first, second = model.draw("bc/x0", 4, 3), model.draw("critic/next_noise", 4, 3)
@@ -277,7 +277,7 @@ def test_fine_tuning_starts_with_a_fresh_adam_after_the_bc_warm_up():
 def test_a_run_ending_off_the_evaluation_grid_evaluates_its_last_step():
     # FinalEvaluation: max_steps 5 with an evaluation every 2 steps evaluates at 2, 4 and, once more, at 5; on the
     # grid (max_steps 4) the last evaluation is the regular one, not a second.
-    from trqam_lit.callbacks import FinalEvaluation
+    from trqam_lit.training.callbacks import FinalEvaluation
 
     class Evaluations(pl.Callback):
         def __init__(self, steps: list[int]) -> None:
@@ -305,7 +305,7 @@ def test_a_checkpoint_reaches_the_disk_before_it_replaces_the_last_one(tmp_path,
 
     import torch
 
-    from trqam_lit.checkpoint import AtomicCheckpointIO
+    from trqam_lit.training.checkpoint import AtomicCheckpointIO
 
     events = []
     fsync, replace = os.fsync, os.replace

@@ -40,9 +40,9 @@ from golden import (
 )
 from helpers import one_torch_thread  # noqa: F401  (autouse)
 from trqam_lit.agents import IFQL
-from trqam_lit.critic import critic_loss, ensemble_pessimistic_value, expectile_loss, expectile_weight, td_target
-from trqam_lit.flow import bc_flow_loss, best_of_n_actions, sample_actions
-from trqam_lit.targets import polyak_update
+from trqam_lit.math.critic import critic_loss, ensemble_pessimistic_value, expectile_loss, expectile_weight, td_target
+from trqam_lit.math.flow import bc_flow_loss, best_of_n_actions, sample_actions
+from trqam_lit.math.targets import polyak_update
 
 NETS, ONLINE = AGENT_NETS["ifql"], AGENT_ONLINE["ifql"]
 TARGETS = tuple(name for name in NETS if name not in ONLINE)

@@ -1,4 +1,4 @@
-"""trqam_lit.lightning_internals against what a real Trainer does: each private attribute it reads must still exist
+"""training.lightning_internals against what a real Trainer does: each private attribute it reads must still exist
 and still mean what the package relies on (a Lightning release that moves one fails here)."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from torch.utils.data import DataLoader
 
 from helpers import read_scalars
 from trqam_lit.agents import BC
-from trqam_lit.lightning_internals import logged_step, logs_this_step, validates_after_this_batch
-from trqam_lit.toy import ToyBanditDataModule
+from trqam_lit.data.toy import ToyBanditDataModule
+from trqam_lit.training.lightning_internals import logged_step, logs_this_step, validates_after_this_batch
 
 STEPS, LOG_EVERY, VAL_EVERY = 9, 3, 4
 

@@ -7,18 +7,18 @@ import math
 import pytest
 import torch
 
-from trqam_lit.adjoint import (
+from trqam_lit.math.adjoint import (
     adjoint_matching_loss,
     adjoint_matching_objective,
     adjoint_matching_terms,
     lean_adjoint,
     terminal_adjoint,
 )
-from trqam_lit.critic import critic_loss, ensemble_pessimistic_value, td_target
-from trqam_lit.dual import DualDescent, dual_step
-from trqam_lit.flow import bc_flow_loss, euler_ode, sample_actions
-from trqam_lit.nets import CriticEnsemble, VelocityField
-from trqam_lit.sde import (
+from trqam_lit.math.critic import critic_loss, ensemble_pessimistic_value, td_target
+from trqam_lit.math.dual import DualDescent, dual_step
+from trqam_lit.math.flow import bc_flow_loss, euler_ode, sample_actions
+from trqam_lit.math.nets import CriticEnsemble, VelocityField
+from trqam_lit.math.sde import (
     FlowSDE,
     flow_time_grid,
     memoryless_drift,

@@ -17,11 +17,11 @@ import pytest
 import torch
 from torch import nn
 
-import trqam_lit.hardware as hardware
+import trqam_lit.training.hardware as hardware
 from helpers import CONFIGS, one_torch_thread, run_cli  # noqa: F401 (autouse fixture)
 from trqam_lit.agents import TRQAM
-from trqam_lit.callbacks import MatmulPrecision
-from trqam_lit.toy import ToyBanditDataModule
+from trqam_lit.data.toy import ToyBanditDataModule
+from trqam_lit.training.callbacks import MatmulPrecision
 
 needs_amx = pytest.mark.skipif(not hardware.cpu_has_amx(), reason="oneDNN's bf16 math mode needs a CPU with AMX")
 
@@ -89,11 +89,12 @@ def test_the_cli_adds_it_from_the_command_line(tmp_path):
         "fit",
         "--config",
         str(CONFIGS / "toy" / "bandit.yaml"),
-        "--trainer.callbacks+=trqam_lit.callbacks.MatmulPrecision",
+        "--trainer.callbacks+=trqam_lit.training.callbacks.MatmulPrecision",
     ]
     proc = run_cli([*args, "--trainer.callbacks.precision=tf32", "--print_config"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "- class_path: trqam_lit.callbacks.MatmulPrecision\n    init_args:\n      precision: tf32" in proc.stdout
+    expected = "- class_path: trqam_lit.training.callbacks.MatmulPrecision\n    init_args:\n      precision: tf32"
+    assert expected in proc.stdout
     proc = run_cli([*args, "--trainer.callbacks.precision=fp8", "--print_config"], cwd=tmp_path)
     assert proc.returncode != 0 and "fp8" in proc.stderr
 

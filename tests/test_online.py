@@ -1,4 +1,4 @@
-"""Offline-to-online fine-tuning (`trqam_lit.online`): the real CLI on the shipped fixture and the toy bandit,
+"""Offline-to-online fine-tuning (`trqam_lit.training.online`): the real CLI on the shipped fixture and the toy bandit,
 kill-and-resume inside the online phase, 2-process DDP, errors, and the deferred batches of the DataModules."""
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from helpers import CONFIGS, REPO, assert_kl_is_the_rank_mean, fast_trainer_args
 from trqam_lit.agents import AGENTS
 from trqam_lit.cli import build_cli
 from trqam_lit.data import ReplayBuffer, fixture_path, load_table
-from trqam_lit.online import OnlinePhase
-from trqam_lit.toy import ToyBanditDataModule
+from trqam_lit.data.toy import ToyBanditDataModule
+from trqam_lit.training.online import OnlinePhase
 
 QUICK = str(CONFIGS / "quickstart.yaml")
 TOY = str(CONFIGS / "online" / "toy-bandit.yaml")
@@ -371,3 +371,18 @@ def test_online_over_a_shard_directory_starts_from_the_current_shard(tmp_path):
     dm.defer_sampling_from(3)  # global step 3 samples shard 3 // 2 = 1 (b.npz, the short one)
     buf = dm.make_replay_buffer(10)
     assert len(buf) == len(load_table(tmp_path / "b.npz", CUBE)) < len(load_table(tmp_path / "a.npz", CUBE))
+
+
+def test_a_datamodule_without_the_online_contract_is_refused_naming_what_it_lacks():
+    import lightning.pytorch as pl
+
+    from trqam_lit.training.online import OnlineData
+
+    class Trainer:
+        datamodule = pl.LightningDataModule()
+
+    assert isinstance(ToyBanditDataModule(), OnlineData)
+    assert not isinstance(Trainer.datamodule, OnlineData)
+    lacks = r"meets training.online.OnlineData .* LightningDataModule lacks \['action_dim'"
+    with pytest.raises(ValueError, match=lacks):
+        OnlinePhase(online_steps=5, start_training=1).setup(Trainer(), None, "fit")

@@ -40,14 +40,14 @@ from golden import (
     velocity_field,
 )
 from helpers import one_torch_thread  # noqa: F401  (autouse)
-from trqam_lit.adjoint import adjoint_matching_objective
 from trqam_lit.agents import QAME, QAMF
 from trqam_lit.agents.qam_e import edited_actions
-from trqam_lit.critic import actor_q_loss, critic_loss, ensemble_pessimistic_value, td_target
-from trqam_lit.flow import bc_flow_loss, distillation_loss, onestep_actions, sample_actions
-from trqam_lit.nets import LogParam, TanhGaussianPolicy
-from trqam_lit.tanh_gaussian import tanh_gaussian_log_prob, tanh_gaussian_sample, temperature_loss
-from trqam_lit.targets import polyak_update
+from trqam_lit.math.adjoint import adjoint_matching_objective
+from trqam_lit.math.critic import actor_q_loss, critic_loss, ensemble_pessimistic_value, td_target
+from trqam_lit.math.flow import bc_flow_loss, distillation_loss, onestep_actions, sample_actions
+from trqam_lit.math.nets import LogParam, TanhGaussianPolicy
+from trqam_lit.math.tanh_gaussian import tanh_gaussian_log_prob, tanh_gaussian_sample, temperature_loss
+from trqam_lit.math.targets import polyak_update
 
 VARIANTS = ("qam-f", "qam-e")
 AGENT_CLASS = {"qam-f": QAMF, "qam-e": QAME}

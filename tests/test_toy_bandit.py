@@ -14,7 +14,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from helpers import assert_dual_descent, read_scalars
 from trqam_lit.agents import TRQAM
-from trqam_lit.toy import ToyBanditDataModule
+from trqam_lit.data.toy import ToyBanditDataModule
 
 MU, S, C = 0.0, 0.3, 3.0
 STEPS, WARMUP = 2500, 1000

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from trqam_lit.experiment import Grid, Run
-from trqam_lit.report import plot_sweep
-from trqam_lit.toy import AnalyticReward, PerturbedReward, ToyBanditDataModule
+from trqam_lit.data.toy import AnalyticReward, PerturbedReward, ToyBanditDataModule
+from trqam_lit.tools.experiment import Grid, Run
+from trqam_lit.tools.report import plot_sweep
 
 
 @pytest.mark.parametrize("delta", [0.5, 2.0])

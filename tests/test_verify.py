@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from helpers import one_torch_thread  # noqa: F401 (autouse fixture)
-from trqam_lit import verify
-from trqam_lit.verify import affine_control_field, gaussian_linear, gaussian_quadratic, gaussian_velocity
+from trqam_lit.tools import verify
+from trqam_lit.tools.verify import affine_control_field, gaussian_linear, gaussian_quadratic, gaussian_velocity
 
 LINEAR_CONTRACT = [
     "base_terminal_mean",
@@ -51,7 +51,7 @@ def test_cli_gaussian_linear_k10_prints_one_json_line_with_errors_reported():
     cmd = [
         sys.executable,
         "-m",
-        "trqam_lit.verify",
+        "trqam_lit.tools.verify",
         "gaussian-linear",
         "--mu",
         "0.2",

@@ -7,10 +7,10 @@ import sys
 import lightning.pytorch as pl
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from .agents import FlowAgent
-from .callbacks import Checkpoint, EvaluationSummary, FinalEvaluation, StepsPerSecond
-from .checkpoint import AtomicCheckpointIO, check_checkpoint_file
-from .online import OnlinePhase
+from trqam_lit.agents import FlowAgent
+from trqam_lit.training.callbacks import Checkpoint, EvaluationSummary, FinalEvaluation, StepsPerSecond
+from trqam_lit.training.checkpoint import AtomicCheckpointIO, check_checkpoint_file
+from trqam_lit.training.online import OnlinePhase
 
 
 class TRQAMCLI(LightningCLI):
@@ -28,7 +28,7 @@ class TRQAMCLI(LightningCLI):
         # is a first-class option.
         parser.add_lightning_class_args(Checkpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 1000})
-        # Offline-to-online fine-tuning (trqam_lit.online); online.online_steps=0 (the default) trains offline only.
+        # Offline-to-online fine-tuning (training.online); online.online_steps=0 (the default) trains offline only.
         parser.add_lightning_class_args(OnlinePhase, "online")
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
@@ -101,10 +101,10 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> TRQAMCLI:
 
 def main(args: list[str] | None = None) -> None:
     """Console-script entry: ``trqam-lit fit --config cfg.yaml [--overrides]``; ``trqam-lit export CKPT`` writes a
-    checkpoint's policy to a file that acts with torch alone (trqam_lit.export)."""
+    checkpoint's policy to a file that acts with torch alone (trqam_lit.tools.export)."""
     argv = sys.argv[1:] if args is None else args
     if argv[:1] == ["export"]:
-        from .export import main as export_main
+        from trqam_lit.tools.export import main as export_main
 
         export_main(argv[1:])
         return

@@ -1,17 +1,17 @@
 """One LightningModule per algorithm; thin wrappers over the pure loss functions."""
 
-from .adjoint_matching import AdjointMatchingAgent
-from .base import FlowAgent
-from .bc import BC
-from .cgql import CGQL
-from .dsrl import DSRL
-from .fql import FQL
-from .ifql import IFQL
-from .qam import QAM
-from .qam_e import QAME
-from .qam_f import QAMF
-from .registry import AGENTS
-from .trqam import TRQAM
+from trqam_lit.agents.adjoint_matching import AdjointMatchingAgent
+from trqam_lit.agents.base import FlowAgent
+from trqam_lit.agents.bc import BC
+from trqam_lit.agents.cgql import CGQL
+from trqam_lit.agents.dsrl import DSRL
+from trqam_lit.agents.fql import FQL
+from trqam_lit.agents.ifql import IFQL
+from trqam_lit.agents.qam import QAM
+from trqam_lit.agents.qam_e import QAME
+from trqam_lit.agents.qam_f import QAMF
+from trqam_lit.agents.registry import AGENTS
+from trqam_lit.agents.trqam import TRQAM
 
 __all__ = [
     "AGENTS",

@@ -11,11 +11,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..adjoint import AMOutput, adjoint_matching_objective
-from ..flow import ACTION_CLIP, sample_actions
-from ..nets import VelocityField
-from ..sde import FlowSDE, Solver, rollout_fused_with_ode
-from .base import FlowAgent
+from trqam_lit.agents.base import FlowAgent
+from trqam_lit.math.adjoint import AMOutput, adjoint_matching_objective
+from trqam_lit.math.flow import ACTION_CLIP, sample_actions
+from trqam_lit.math.nets import VelocityField
+from trqam_lit.math.sde import FlowSDE, Solver, rollout_fused_with_ode
 
 _COMPILED: dict[type, Callable] = {}  # compiled fine_tune_losses per agent class (compile_step)
 

@@ -15,14 +15,14 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from ..nets import CriticEnsemble, VelocityField
-from .bc_weights import FromBC
-from .checks import check_hparams, check_trainer
-from .draws import RandomStreams
-from .evaluating import EVAL_METRICS, Evaluating
-from .shared_losses import SharedLosses
-from .step_logging import StepLogging
-from .update_guard import UpdateGuard
+from trqam_lit.agents.bc_weights import FromBC
+from trqam_lit.agents.checks import check_hparams, check_trainer
+from trqam_lit.agents.draws import RandomStreams
+from trqam_lit.agents.evaluating import EVAL_METRICS, Evaluating
+from trqam_lit.agents.shared_losses import SharedLosses
+from trqam_lit.agents.step_logging import StepLogging
+from trqam_lit.agents.update_guard import UpdateGuard
+from trqam_lit.math.nets import CriticEnsemble, VelocityField
 
 __all__ = ["EVAL_METRICS", "FlowAgent"]
 

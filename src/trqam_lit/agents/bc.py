@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .base import FlowAgent
+from trqam_lit.agents.base import FlowAgent
 
 
 class BC(FlowAgent):

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checkpoint import check_checkpoint_file
+from trqam_lit.training.checkpoint import check_checkpoint_file
 
 
 def load_bc_weights(v_bc: nn.Module, path: str) -> None:

@@ -15,9 +15,9 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from ..flow import ACTION_CLIP, VelocityFn, sample_actions
-from ..nets import CriticEnsemble
-from .base import FlowAgent
+from trqam_lit.agents.base import FlowAgent
+from trqam_lit.math.flow import ACTION_CLIP, VelocityFn, sample_actions
+from trqam_lit.math.nets import CriticEnsemble
 
 TimeQFn = Callable[..., Tensor]  # (s, a, t) -> Q_j(s, a, t), (E, B)
 

@@ -6,7 +6,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from .. import hardware
+from trqam_lit.training import hardware
 
 
 def check_hparams(

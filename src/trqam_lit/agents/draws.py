@@ -1,5 +1,5 @@
 """The random draws of a training step: every one goes through ``draw`` (by name, so tests feed recorded draws), from
-a generator seeded by (seed, rank, global step) (trqam_lit.rng): a resumed run repeats an uninterrupted one's draws,
+a generator seeded by (seed, rank, global step) (training.rng): a resumed run repeats an uninterrupted one's draws,
 and every DDP rank draws its own."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..rng import TRAIN_NOISE, fold_seed
+from trqam_lit.training.rng import TRAIN_NOISE, fold_seed
 
 
 class RandomStreams:
@@ -15,13 +15,13 @@ class RandomStreams:
 
     def init_random_streams(self) -> None:
         # Seed of every random stream of the run (set from seed_everything at the start of a fit, then restored from
-        # checkpoints): a step's draws are a pure function of (seed, rank, global step), see trqam_lit.rng.
+        # checkpoints): a step's draws are a pure function of (seed, rank, global step), see trqam_lit.training.rng.
         self.register_buffer("rng_seed", torch.tensor(-1, dtype=torch.int64))
         self._gen: torch.Generator | None = None
         self._gen_step = -1
 
     def seed_of(self, purpose: int, step: int | None = None) -> int:
-        """Seed of this rank's stream ``purpose`` (trqam_lit.rng) at a global step (default: the current one)."""
+        """Seed of this rank's stream ``purpose`` (training.rng) at a global step (default: the current one)."""
         rank = self.trainer.global_rank if self._trainer is not None else 0
         return fold_seed(max(int(self.rng_seed), 0), rank, self.global_step if step is None else step, purpose)
 

@@ -14,11 +14,11 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from ..critic import actor_q_loss
-from ..flow import VelocityFn, sample_actions
-from ..nets import CriticEnsemble, LogParam, TanhGaussianPolicy
-from ..tanh_gaussian import tanh_gaussian_log_prob, tanh_gaussian_sample, temperature_loss
-from .base import FlowAgent
+from trqam_lit.agents.base import FlowAgent
+from trqam_lit.math.critic import actor_q_loss
+from trqam_lit.math.flow import VelocityFn, sample_actions
+from trqam_lit.math.nets import CriticEnsemble, LogParam, TanhGaussianPolicy
+from trqam_lit.math.tanh_gaussian import tanh_gaussian_log_prob, tanh_gaussian_sample, temperature_loss
 
 LATENT_CLIP = 1.0
 

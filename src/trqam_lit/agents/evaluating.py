@@ -9,8 +9,8 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
-from ..flow import sample_actions
-from ..rng import EVAL_NOISE, seeded
+from trqam_lit.math.flow import sample_actions
+from trqam_lit.training.rng import EVAL_NOISE, seeded
 
 EVAL_METRICS = ("success", "return", "length", "action_mean")
 

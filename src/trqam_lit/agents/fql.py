@@ -10,10 +10,10 @@ from typing import Any, NamedTuple
 
 from torch import Tensor, nn
 
-from ..critic import actor_q_loss
-from ..flow import ACTION_CLIP, distillation_loss, onestep_actions, sample_actions
-from ..nets import OneStepPolicy
-from .base import FlowAgent
+from trqam_lit.agents.base import FlowAgent
+from trqam_lit.math.critic import actor_q_loss
+from trqam_lit.math.flow import ACTION_CLIP, distillation_loss, onestep_actions, sample_actions
+from trqam_lit.math.nets import OneStepPolicy
 
 
 class FQLActorLosses(NamedTuple):

@@ -12,10 +12,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..critic import critic_loss, ensemble_pessimistic_value, expectile_loss, td_target
-from ..flow import best_of_n_actions, sample_actions
-from ..nets import StateValue
-from .base import FlowAgent
+from trqam_lit.agents.base import FlowAgent
+from trqam_lit.math.critic import critic_loss, ensemble_pessimistic_value, expectile_loss, td_target
+from trqam_lit.math.flow import best_of_n_actions, sample_actions
+from trqam_lit.math.nets import StateValue
 
 
 class IFQL(FlowAgent):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .adjoint_matching import AdjointMatchingAgent
+from trqam_lit.agents.adjoint_matching import AdjointMatchingAgent
 
 
 class QAM(AdjointMatchingAgent):

@@ -14,11 +14,11 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from ..critic import actor_q_loss
-from ..flow import ACTION_CLIP, sample_actions
-from ..nets import LogParam, TanhGaussianPolicy
-from ..tanh_gaussian import tanh_gaussian_log_prob, tanh_gaussian_sample, temperature_loss
-from .qam import QAM
+from trqam_lit.agents.qam import QAM
+from trqam_lit.math.critic import actor_q_loss
+from trqam_lit.math.flow import ACTION_CLIP, sample_actions
+from trqam_lit.math.nets import LogParam, TanhGaussianPolicy
+from trqam_lit.math.tanh_gaussian import tanh_gaussian_log_prob, tanh_gaussian_sample, temperature_loss
 
 
 def edited_actions(a_flow: Tensor, edit: Tensor, edit_scale: float) -> Tensor:

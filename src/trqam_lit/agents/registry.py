@@ -6,16 +6,16 @@ A name is the agent's folder under ``configs/`` and what ``trqam-lit-exp`` grids
 
 from __future__ import annotations
 
-from .base import FlowAgent
-from .bc import BC
-from .cgql import CGQL
-from .dsrl import DSRL
-from .fql import FQL
-from .ifql import IFQL
-from .qam import QAM
-from .qam_e import QAME
-from .qam_f import QAMF
-from .trqam import TRQAM
+from trqam_lit.agents.base import FlowAgent
+from trqam_lit.agents.bc import BC
+from trqam_lit.agents.cgql import CGQL
+from trqam_lit.agents.dsrl import DSRL
+from trqam_lit.agents.fql import FQL
+from trqam_lit.agents.ifql import IFQL
+from trqam_lit.agents.qam import QAM
+from trqam_lit.agents.qam_e import QAME
+from trqam_lit.agents.qam_f import QAMF
+from trqam_lit.agents.trqam import TRQAM
 
 AGENTS: dict[str, type[FlowAgent]] = {
     "bc": BC,

@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..critic import critic_loss, ensemble_pessimistic_value, td_target
-from ..flow import bc_flow_loss
+from trqam_lit.math.critic import critic_loss, ensemble_pessimistic_value, td_target
+from trqam_lit.math.flow import bc_flow_loss
 
 
 class SharedLosses:

@@ -7,7 +7,7 @@ from typing import ClassVar
 
 from torch import Tensor
 
-from ..lightning_internals import logs_this_step
+from trqam_lit.training.lightning_internals import logs_this_step
 
 
 class StepLogging:

@@ -6,8 +6,8 @@ from typing import Any
 
 from torch import Tensor
 
-from ..dual import DualDescent, DualForm
-from .adjoint_matching import AdjointMatchingAgent
+from trqam_lit.agents.adjoint_matching import AdjointMatchingAgent
+from trqam_lit.math.dual import DualDescent, DualForm
 
 
 class TRQAM(AdjointMatchingAgent):

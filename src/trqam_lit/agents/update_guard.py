@@ -15,7 +15,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
-from ..targets import polyak_update
+from trqam_lit.math.targets import polyak_update
 
 
 class AppliedUpdate(pl.Callback):

@@ -1,4 +1,6 @@
-"""OGBench data: DataModule, chunk sampler, replay buffer, local dataset generator, shipped fixtures.
+"""The domains layer: data and environments. OGBench (DataModule, dataset files, the environment factory, local
+dataset generator, shipped fixtures), the toy bandit, and what every domain shares (chunk sampler, replay buffer, the
+online-phase base class ``OnlineDataModule``). Imports the math and training layers only.
 
 Names are imported lazily so the generator's worker processes and ``trqam-lit-data`` start without
 importing Lightning.
@@ -14,6 +16,8 @@ _EXPORTS = {
     "ChunkStream": "trqam_lit.data.datamodule",
     "ShardCycler": "trqam_lit.data.datamodule",
     "ReplayBuffer": "trqam_lit.data.replay",
+    "OnlineDataModule": "trqam_lit.data.online_data",
+    "ToyBanditDataModule": "trqam_lit.data.toy",
     "ChunkTable": "trqam_lit.data.chunks",
     "sample_chunks": "trqam_lit.data.chunks",
     "BATCH_KEYS": "trqam_lit.data.chunks",
@@ -40,8 +44,10 @@ __all__ = [
     "DatasetNotFoundError",
     "GenerationConfig",
     "OGBenchDataModule",
+    "OnlineDataModule",
     "ReplayBuffer",
     "ShardCycler",
+    "ToyBanditDataModule",
     "UnsupportedDomainError",
     "check_dataset_file",
     "dataset_name_for",
@@ -61,8 +67,10 @@ if TYPE_CHECKING:
     from trqam_lit.data.errors import DatasetFormatError, DatasetNotFoundError, UnsupportedDomainError
     from trqam_lit.data.generate import GenerationConfig, generate_dataset
     from trqam_lit.data.loading import check_dataset_file, env_spaces, load_table
+    from trqam_lit.data.online_data import OnlineDataModule
     from trqam_lit.data.paths import dataset_name_for, expected_files, fixture_dir, fixture_path, resolve_dataset_dir
     from trqam_lit.data.replay import ReplayBuffer
+    from trqam_lit.data.toy import ToyBanditDataModule
 
 
 def __getattr__(name: str) -> Any:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -22,16 +22,13 @@ from trqam_lit.data.loading import (
     process_dataset,
     read_dataset,
 )
+from trqam_lit.data.online_data import OnlineDataModule
 from trqam_lit.data.paths import dataset_name_for, expected_files, missing_dataset_message, resolve_dataset_dir
 from trqam_lit.data.replay import (
-    DEFERRED_KEY,
     ReplayBuffer,
     batch_rng,
     deferred_batch,
     draw_batch,
-    is_deferred,
-    rank_states,
-    state_for_rank,
 )
 
 
@@ -148,7 +145,7 @@ class ChunkStream(IterableDataset):
             step += workers
 
 
-class OGBenchDataModule(L.LightningDataModule):
+class OGBenchDataModule(OnlineDataModule):
     """OGBench single-task data as an infinite stream of action-chunk batches (data.md sections 2 and 4).
 
     Batches are dicts of float32 tensors: ``observations`` (B, obs_dim), ``actions`` (B, chunk_dim) flattened
@@ -223,9 +220,7 @@ class OGBenchDataModule(L.LightningDataModule):
         self.obs_dim, self.action_dim = env_spaces(env_name)
         self.chunk_dim = horizon * self.action_dim
         self.table: ChunkTable | None = None
-        self.replay_buffer: ReplayBuffer | None = None
         self._ref = _SourceRef()
-        self._pending_buffer_state: dict[str, Any] | None = None
         self._evaluator: Any = None
 
     def dataset_files(self) -> list[Path]:
@@ -289,7 +284,7 @@ class OGBenchDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         """One item per rank: an evaluation is a batch of environment rollouts, not a pass over a dataset."""
-        from trqam_lit.evaluation import evaluation_dataloader
+        from trqam_lit.training.evaluation import evaluation_dataloader
 
         return evaluation_dataloader()
 
@@ -302,11 +297,11 @@ class OGBenchDataModule(L.LightningDataModule):
 
         Built once and reused, so its environments are created only at the first evaluation.
         """
-        from trqam_lit.evaluation import OGBenchEvaluator
+        from trqam_lit.training.evaluation import RolloutEvaluator
 
         if self._evaluator is None:
-            self._evaluator = OGBenchEvaluator(
-                self.env_name,
+            self._evaluator = RolloutEvaluator(
+                functools.partial(make_ogbench_env, self.env_name),
                 horizon=self.horizon,
                 action_dim=self.action_dim,
                 num_episodes=self.eval_episodes,
@@ -321,7 +316,7 @@ class OGBenchDataModule(L.LightningDataModule):
             self._evaluator.close()
             self._evaluator = None
 
-    # ---- online phase (trqam_lit.online.OnlinePhase) -------------------------------------------------------------
+    # ---- online phase (training.online.OnlinePhase) -------------------------------------------------------------
     def make_online_env(self) -> Any:
         """A fresh single-task environment for online interaction (never the relabelling or evaluation one)."""
         return make_ogbench_env(self.env_name)
@@ -331,10 +326,7 @@ class OGBenchDataModule(L.LightningDataModule):
         environment steps that precede their gradient step (Lightning fetches one batch ahead)."""
         self._ref.defer_from = int(step)
 
-    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        if not is_deferred(batch):
-            return batch
-        step = int(batch[DEFERRED_KEY])
+    def _draw_deferred(self, step: int) -> dict[str, Any]:
         rank, _ = self._rank_and_step()
         source = self.replay_buffer if self.replay_buffer is not None else self._ref.source
         if isinstance(source, ShardCycler):
@@ -342,14 +334,12 @@ class OGBenchDataModule(L.LightningDataModule):
         rng = batch_rng(self.seed, rank, step)
         return draw_batch(source, rng, self.batch_size, self.horizon, self.discount)
 
-    def make_replay_buffer(self, capacity_extra: int) -> ReplayBuffer:
-        """Start the online phase: a replay buffer over the offline data that the batch stream samples from now on.
+    def _new_replay_buffer(self, capacity_extra: int) -> ReplayBuffer:
+        """A replay buffer over the offline data that the batch stream samples from now on.
 
         With a shard directory the buffer holds one shard: the one this rank samples at the start of the online
         phase (``defer_sampling_from``; else the current step), as the reference does.
         """
-        if self.replay_buffer is not None:
-            return self.replay_buffer
         if self.num_workers > 0:
             raise ValueError("the replay buffer lives in the training process: use num_workers=0 for the online phase")
         self.setup("fit")
@@ -361,25 +351,6 @@ class OGBenchDataModule(L.LightningDataModule):
             start = step if self._ref.defer_from is None else self._ref.defer_from
             source = source.get(rank + start // self.shard_steps)
         buffer = ReplayBuffer(source, capacity_extra=capacity_extra, sparse=self.sparse)
-        if self._pending_buffer_state is not None:
-            buffer.load_state_dict(self._pending_buffer_state)
-            self._pending_buffer_state = None
-        self.replay_buffer = buffer
         self.table = None  # the buffer holds its own copy; drop ours
-        self._ref.source = self.replay_buffer
-        return self.replay_buffer
-
-    def state_dict(self) -> dict[str, Any]:
-        """Online transitions of each rank's replay buffer, if the online phase started (offline rows come from
-        the file). Under DDP every rank must call it (Lightning does, when it saves a checkpoint)."""
-        return rank_states(self.replay_buffer, getattr(self, "trainer", None))
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore this rank's online transitions now, or when :meth:`make_replay_buffer` creates the buffer."""
-        state = state_for_rank(state_dict, getattr(self, "trainer", None))
-        if state is None:
-            return
-        if self.replay_buffer is not None:
-            self.replay_buffer.load_state_dict(state)
-        else:
-            self._pending_buffer_state = state
+        self._ref.source = buffer
+        return buffer

@@ -30,10 +30,10 @@ from typing import Any
 
 import numpy as np
 
-from trqam_lit.atomic import atomic_write
 from trqam_lit.data.errors import UnsupportedDomainError
 from trqam_lit.data.loading import quiet_box_warning
 from trqam_lit.data.paths import DATASET_DIR_ENV, DEFAULT_DATASET_DIR, resolve_dataset_dir
+from trqam_lit.training.atomic import atomic_write
 
 # domain -> (p_random_action for noisy data, p_stack range or fixed value drawn per episode)
 DOMAINS: dict[str, tuple[float, tuple[float, float] | float]] = {

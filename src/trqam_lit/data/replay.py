@@ -9,6 +9,7 @@ import torch
 
 from trqam_lit.data.chunks import ChunkTable, sample_chunks
 from trqam_lit.data.loading import DATASET_ACTION_LIMIT
+from trqam_lit.training.ranks import gather_from_ranks
 
 _ONLINE_KEYS = ("observations", "actions", "rewards", "masks", "terminals", "next_observations")
 DEFERRED_KEY = "deferred_step"
@@ -38,16 +39,6 @@ def draw_batch(
         raise ValueError(f"{len(source)} transitions cannot hold a chunk of horizon {horizon}")
     idx = rng.integers(0, high, size=batch_size)
     return {k: torch.from_numpy(v) for k, v in source.sample(idx, horizon, discount).items()}
-
-
-def gather_from_ranks(obj: Any, trainer: Any = None) -> list[Any]:
-    """``obj`` of every rank, in rank order (``[obj]`` without a process group). Every rank must call it."""
-    world = 1 if trainer is None else int(trainer.world_size)
-    if world <= 1 or not torch.distributed.is_available() or not torch.distributed.is_initialized():
-        return [obj]
-    out: list[Any] = [None] * world
-    torch.distributed.all_gather_object(out, obj)
-    return out
 
 
 def rank_states(buffer: ReplayBuffer | None, trainer: Any = None) -> dict[str, Any]:

@@ -14,9 +14,17 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .flow import ACTION_CLIP, VelocityFn
-from .nets import VelocityField
-from .sde import FlowSDE, Solver, flow_time_grid, memoryless_drift, memoryless_g, path_kl_estimate, rollout
+from trqam_lit.math.flow import ACTION_CLIP, VelocityFn
+from trqam_lit.math.nets import VelocityField
+from trqam_lit.math.sde import (
+    FlowSDE,
+    Solver,
+    flow_time_grid,
+    memoryless_drift,
+    memoryless_g,
+    path_kl_estimate,
+    rollout,
+)
 
 QFn = Callable[[Tensor, Tensor], Tensor]  # (s, a) -> Q values, (E, B) for an ensemble or (B,)
 

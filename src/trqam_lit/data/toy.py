@@ -1,6 +1,6 @@
 """A one-step bandit with an analytic reward: the built-in domain for checks and demos.
 
-It also supports the online phase (``trqam_lit.online``): the environment is the bandit itself (every step one
+It also supports the online phase (``trqam_lit.training.online``): the environment is the bandit itself (every step one
 episode), and the replay buffer starts from the offline samples.
 
 Offline actions come from a Gaussian or Gaussian-mixture behaviour policy (one constant observation, H = 1,
@@ -14,26 +14,22 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
-from .data.chunks import ChunkTable
-from .data.loading import DATASET_ACTION_LIMIT
-from .data.replay import (
-    DEFERRED_KEY,
+from trqam_lit.data.chunks import ChunkTable
+from trqam_lit.data.loading import DATASET_ACTION_LIMIT
+from trqam_lit.data.online_data import OnlineDataModule
+from trqam_lit.data.replay import (
     ReplayBuffer,
     batch_rng,
     deferred_batch,
     draw_batch,
-    is_deferred,
-    rank_states,
-    state_for_rank,
 )
-from .evaluation import evaluation_dataloader
-from .rng import DATA, fold_seed
+from trqam_lit.training.evaluation import evaluation_dataloader
+from trqam_lit.training.rng import DATA, fold_seed
 
 
 class AnalyticReward(torch.nn.Module):
@@ -133,7 +129,7 @@ class ToyEvaluator:
         return {"action_mean": a.mean(dim=-1), "return": self.reward.reward(a), "length": torch.ones(n)}
 
 
-class ToyBanditDataModule(pl.LightningDataModule):
+class ToyBanditDataModule(OnlineDataModule):
     """Offline data of a one-step bandit; provides the analytic reward and an evaluator."""
 
     def __init__(
@@ -186,8 +182,6 @@ class ToyBanditDataModule(pl.LightningDataModule):
         self.reward_fn = AnalyticReward(reward, c, k, target)
         self.actions = self._behaviour_actions()
         self.rewards = self.reward_fn.reward(self.actions)
-        self.replay_buffer: ReplayBuffer | None = None
-        self._pending_buffer_state: dict[str, Any] | None = None
         self._defer_from: int | None = None
 
     def _behaviour_actions(self) -> Tensor:
@@ -239,7 +233,7 @@ class ToyBanditDataModule(pl.LightningDataModule):
         stream = _InfiniteBatches(self.sample, self.hparams.seed, rank, step, lambda: self._defer_from)
         return DataLoader(stream, batch_size=None)
 
-    # ---- online phase (trqam_lit.online.OnlinePhase): each environment step is one episode -----------------------
+    # ---- online phase (training.online.OnlinePhase): each environment step is one episode -----------------------
     def offline_table(self) -> ChunkTable:
         """The offline data as transitions: constant observation, every step terminal, masks 0 (no bootstrap)."""
         n = self.actions.shape[0]
@@ -259,33 +253,13 @@ class ToyBanditDataModule(pl.LightningDataModule):
     def defer_sampling_from(self, step: int) -> None:
         self._defer_from = int(step)
 
-    def make_replay_buffer(self, capacity_extra: int) -> ReplayBuffer:
+    def _new_replay_buffer(self, capacity_extra: int) -> ReplayBuffer:
         """The offline samples plus room for ``capacity_extra`` online ones; batches come from it from now on."""
-        if self.replay_buffer is None:
-            buffer = ReplayBuffer(self.offline_table(), capacity_extra=capacity_extra)
-            if self._pending_buffer_state is not None:
-                buffer.load_state_dict(self._pending_buffer_state)
-                self._pending_buffer_state = None
-            self.replay_buffer = buffer
-        return self.replay_buffer
+        return ReplayBuffer(self.offline_table(), capacity_extra=capacity_extra)
 
-    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        if not is_deferred(batch):
-            return batch
+    def _draw_deferred(self, step: int) -> dict[str, Any]:
         if self.replay_buffer is None:
             raise RuntimeError("deferred batch before the replay buffer exists: call make_replay_buffer() first")
         rank = self.trainer.global_rank if self.trainer is not None else 0
-        rng = batch_rng(self.hparams.seed, rank, int(batch[DEFERRED_KEY]))
+        rng = batch_rng(self.hparams.seed, rank, step)
         return draw_batch(self.replay_buffer, rng, self.batch_size, 1, self.discount)
-
-    def state_dict(self) -> dict[str, Any]:
-        return rank_states(self.replay_buffer, self.trainer)
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state = state_for_rank(state_dict, self.trainer)
-        if state is None:
-            return
-        if self.replay_buffer is not None:
-            self.replay_buffer.load_state_dict(state)
-        else:
-            self._pending_buffer_state = state

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from .grid import Grid, Run
+from trqam_lit.tools.grid import Grid, Run
 
 # tag -> (plot title, y-axis label, scale applied to the logged value)
 PLOTS = {
@@ -139,7 +139,10 @@ def markdown_table(grid: Grid, finals: dict, unfinished: dict[str, int | str]) -
 
 
 def _pyplot():
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as err:  # the tools' extra
+        raise ImportError("the report's plots need matplotlib: pip install 'trqam-lit[tools]'") from err
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt

@@ -1,7 +1,8 @@
 """Self-check against the exact answers of spec method.md section 7 (Gaussian base, analytic reward).
 
-    python -m trqam_lit.verify gaussian-linear --mu 0.2 --s 0.8 --c 1.5 --lam 2 --num-steps 400 --samples 200000
-    python -m trqam_lit.verify gaussian-quadratic --mu 0 --s 1 --k 2 --target 1 --lam 1 --num-steps 200 --samples 50000
+    python -m trqam_lit.tools.verify gaussian-linear --mu 0.2 --s 0.8 --c 1.5 --lam 2 --num-steps 400 --samples 200000
+    python -m trqam_lit.tools.verify gaussian-quadratic --mu 0 --s 1 --k 2 --target 1 --lam 1 --num-steps 200 \
+        --samples 50000
 
 The base velocity is the exact one of the data N(mu, s^2 I) (no network, observation ignored) and every
 number comes from the project's own code: ``sde.FlowSDE`` + ``sde.rollout``, ``adjoint.terminal_adjoint``
@@ -26,9 +27,15 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import Tensor
 
-from .adjoint import adjoint_matching_loss, adjoint_matching_objective, am_sigmas, lean_adjoint, terminal_adjoint
-from .flow import VelocityFn, euler_ode
-from .sde import FlowSDE, Solver, flow_time_grid, memoryless_g, rollout
+from trqam_lit.math.adjoint import (
+    adjoint_matching_loss,
+    adjoint_matching_objective,
+    am_sigmas,
+    lean_adjoint,
+    terminal_adjoint,
+)
+from trqam_lit.math.flow import VelocityFn, euler_ode
+from trqam_lit.math.sde import FlowSDE, Solver, flow_time_grid, memoryless_g, rollout
 
 # Elements per (K, chunk, D) tensor: bounds memory (a handful of such tensors live at once, ~16 MB each).
 CHUNK_ELEMENTS = 4_000_000
@@ -435,7 +442,7 @@ _seed = _typed(int, lambda v: v >= 0, ">= 0")
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m trqam_lit.verify",
+        prog="python -m trqam_lit.tools.verify",
         description="Check the project's rollout, lean adjoint, KL and AM optimum against the exact Gaussian "
         "answers of spec section 7; prints one JSON line.",
     )

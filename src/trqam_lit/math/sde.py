@@ -18,7 +18,7 @@ import torch
 import torchsde
 from torch import Tensor, nn
 
-from .flow import VelocityFn
+from trqam_lit.math.flow import VelocityFn
 
 Solver = Literal["fused", "torchsde"]
 

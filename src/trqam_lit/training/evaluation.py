@@ -12,15 +12,15 @@ import contextlib
 import multiprocessing as mp
 import traceback
 from collections.abc import Callable, Collection
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from .data.loading import make_ogbench_env
-
 ActFn = Callable[[Tensor], Tensor]
+EnvFactory = Callable[[], Any]  # a new environment; picklable (it is sent to spawned workers)
 
 
 def evaluation_dataloader() -> DataLoader:
@@ -44,7 +44,7 @@ def run_chunk(env, actions: np.ndarray, ret: float) -> tuple[np.ndarray, float, 
     return obs, ret, steps, False, 0.0
 
 
-def _env_worker(conn, env_name: str) -> None:
+def _env_worker(conn, make_env: EnvFactory) -> None:
     """A worker process's loop: it owns some of the evaluator's environments and runs their chunks."""
     envs: dict[int, object] = {}
     while True:
@@ -58,12 +58,12 @@ def _env_worker(conn, env_name: str) -> None:
             if cmd == "make":
                 for slot in payload:
                     if slot not in envs:
-                        envs[slot] = make_ogbench_env(env_name)
+                        envs[slot] = make_env()
                 result = None
             elif cmd == "reset":
                 for slot, _ in payload:
                     if slot not in envs:
-                        envs[slot] = make_ogbench_env(env_name)
+                        envs[slot] = make_env()
                 result = [envs[slot].reset(seed=seed)[0] for slot, seed in payload]
             else:  # "chunks"
                 result = [run_chunk(envs[slot], actions, ret) for slot, actions, ret in payload]
@@ -72,18 +72,18 @@ def _env_worker(conn, env_name: str) -> None:
             conn.send(("error", traceback.format_exc()))
 
 
-WAVE_GROUPS = 2  # groups of a wave's environments taking turns (see OGBenchEvaluator._run_wave)
+WAVE_GROUPS = 2  # groups of a wave's environments taking turns (see RolloutEvaluator._run_wave)
 
 
 class _EnvWorkers:
     """``count`` worker processes (spawned: no forked OpenMP or CUDA state); slot i lives in worker i % count."""
 
-    def __init__(self, env_name: str, count: int) -> None:
+    def __init__(self, make_env: EnvFactory, count: int) -> None:
         ctx = mp.get_context("spawn")
         self.conns, self.procs = [], []
         for _ in range(count):
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_env_worker, args=(child, env_name), daemon=True)
+            proc = ctx.Process(target=_env_worker, args=(child, make_env), daemon=True)
             proc.start()
             child.close()
             self.conns.append(parent)
@@ -141,8 +141,10 @@ class _EnvWorkers:
         self.conns, self.procs = [], []
 
 
-class OGBenchEvaluator:
-    """Runs ``num_episodes`` episodes of one environment, ``num_envs`` at a time, returns per-episode values.
+class RolloutEvaluator:
+    """Runs ``num_episodes`` episodes of the environment ``make_env`` builds, ``num_envs`` at a time, returns
+    per-episode values. Any domain's environment: ``make_env`` is the domain's factory (OGBench's is
+    ``functools.partial(data.loading.make_ogbench_env, name)``); episode e is reset with seed ``seed + e``.
 
     ``workers`` > 0 steps the environments in that many worker processes (each runs its environments' action chunks
     and sends back the observations), so evaluation uses several cores; 0 steps them in this process. Both run the
@@ -151,7 +153,7 @@ class OGBenchEvaluator:
 
     def __init__(
         self,
-        env_name: str,
+        make_env: EnvFactory,
         horizon: int,
         action_dim: int,
         num_episodes: int = 50,
@@ -163,7 +165,7 @@ class OGBenchEvaluator:
             raise ValueError(f"num_episodes and num_envs must be >= 1, got {num_episodes}, {num_envs}")
         if workers < 0:
             raise ValueError(f"workers must be >= 0 (0: environments in this process), got {workers}")
-        self.env_name, self.horizon, self.action_dim = env_name, horizon, action_dim
+        self.make_env, self.horizon, self.action_dim = make_env, horizon, action_dim
         self.num_episodes, self.num_envs, self.seed = num_episodes, num_envs, seed
         self.workers = min(workers, num_envs)
         self._envs: list = []
@@ -175,12 +177,12 @@ class OGBenchEvaluator:
             self._workers().call("make", [(i,) for i in range(n)])
             return []
         while len(self._envs) < n:
-            self._envs.append(make_ogbench_env(self.env_name))
+            self._envs.append(self.make_env())
         return self._envs[:n]
 
     def _workers(self) -> _EnvWorkers:
         if self._pool is None:
-            self._pool = _EnvWorkers(self.env_name, self.workers)
+            self._pool = _EnvWorkers(self.make_env, self.workers)
         return self._pool
 
     def close(self) -> None:

@@ -10,11 +10,11 @@ from typing import Any
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from .atomic import atomic_write
+from trqam_lit.training.atomic import atomic_write
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's torch checkpoint writer, made atomic (``trqam_lit.atomic.atomic_write``): ``<name>.partial-<pid>``
+    """Lightning's torch checkpoint writer, made atomic (``training.atomic.atomic_write``): ``<name>.partial-<pid>``
     is written, flushed and renamed over ``<name>``, so ``last.ckpt`` is always a complete checkpoint."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:

@@ -1,6 +1,6 @@
 """A grid of trainings (agents x tasks x seeds) as read from its YAML file: ``Grid.load`` and each ``Run``'s
-directory, command and state. The runner (``trqam_lit.experiment``) trains them; the report
-(``trqam_lit.report``) reads them back. See ``trqam-lit-exp run --help`` for the file's keys."""
+directory, command and state. The runner (``trqam_lit.tools.experiment``) trains them; the report
+(``trqam_lit.tools.report``) reads them back. See ``trqam-lit-exp run --help`` for the file's keys."""
 
 from __future__ import annotations
 

@@ -28,9 +28,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import __version__
-from .atomic import atomic_write
-from .flow import ACTION_CLIP
+from trqam_lit import __version__
+from trqam_lit.math.flow import ACTION_CLIP
+from trqam_lit.training.atomic import atomic_write
 
 FORMAT = "trqam-lit-policy/1"
 META = "trqam_lit.json"
@@ -182,8 +182,8 @@ def load_policy(path: str | Path) -> LoadedPolicy:
 
 def export_checkpoint(ckpt_path: str | Path, out: str | Path) -> dict[str, Any]:
     """The acting policy of a ``trqam-lit fit`` checkpoint, written to ``out``; returns its description."""
-    from .agents import FlowAgent
-    from .checkpoint import check_checkpoint_file
+    from trqam_lit.agents import FlowAgent
+    from trqam_lit.training.checkpoint import check_checkpoint_file
 
     check_checkpoint_file(ckpt_path, lightning=True)
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)

@@ -10,8 +10,8 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
 
-from . import hardware
-from .lightning_internals import validates_after_this_batch
+from trqam_lit.training import hardware
+from trqam_lit.training.lightning_internals import validates_after_this_batch
 
 
 class FinalEvaluation(pl.Callback):
@@ -125,7 +125,8 @@ class MatmulPrecision(pl.Callback):
     - ``"ieee"``: full float32 (the default).
 
     Set in ``setup`` (before a compiled step is traced), restored in ``teardown``; the flags are process-wide. In a
-    config: ``trainer.callbacks: [{class_path: trqam_lit.callbacks.MatmulPrecision, init_args: {precision: tf32}}]``.
+    config:
+    ``trainer.callbacks: [{class_path: trqam_lit.training.callbacks.MatmulPrecision, init_args: {precision: tf32}}]``.
     """
 
     def __init__(self, precision: Literal["ieee", "bf16", "tf32"] = "ieee") -> None:

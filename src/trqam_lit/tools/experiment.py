@@ -38,7 +38,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
-from .grid import DONE, Grid, Run
+from trqam_lit.tools.grid import DONE, Grid, Run
 
 __all__ = ["DONE", "LOCK", "Grid", "Run", "main", "print_commands", "run_grid", "threads_per_job"]
 
@@ -229,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except (FileNotFoundError, ValueError) as err:
         parser.exit(2, f"trqam-lit-exp: error: {err}\n")
     if args.command == "report":
-        from .report import report
+        from trqam_lit.tools.report import report
 
         try:
             written = report(grid, Path(args.out) if args.out else grid.root / "report")

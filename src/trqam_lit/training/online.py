@@ -12,26 +12,48 @@ Schedule: online update k (0-based, global step ``offline_steps + k``) happens a
 ``max(start_training, 1) + k // utd_ratio``; so no update before ``start_training`` environment steps, then
 ``utd_ratio`` updates per environment step, and the run ends after ``online_steps`` environment steps, at global step
 ``offline_steps + utd_ratio * (online_steps - max(start_training, 1) + 1)``. The callback sets ``trainer.max_steps``
-to that. A DataModule takes part through five methods: ``make_replay_buffer(capacity_extra)``, ``make_online_env()``,
-``defer_sampling_from(step)``, ``state_dict`` / ``load_state_dict`` (the online transitions), and attributes
-``horizon`` and ``action_dim`` (per environment step).
+to that. A DataModule takes part by meeting :class:`OnlineData` (``data.online_data.OnlineDataModule`` implements it
+for every domain).
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
 
-from .checkpoint import check_checkpoint_file  # noqa: F401 (re-exported: its old home)
-from .data.replay import gather_from_ranks
-from .lightning_internals import logged_step
-from .rng import ONLINE_ACT, ONLINE_RESET, fold_seed, seeded
+from trqam_lit.training.checkpoint import check_checkpoint_file  # noqa: F401 (re-exported: its old home)
+from trqam_lit.training.lightning_internals import logged_step
+from trqam_lit.training.ranks import gather_from_ranks
+from trqam_lit.training.rng import ONLINE_ACT, ONLINE_RESET, fold_seed, seeded
 
-_DM_METHODS = ("make_replay_buffer", "make_online_env", "defer_sampling_from", "state_dict", "load_state_dict")
+
+@runtime_checkable
+class OnlineData(Protocol):
+    """What the online phase needs from the DataModule: the one contract every domain's DataModule meets."""
+
+    horizon: int  # actions per policy call (the chunk executed open loop, one per environment step)
+    action_dim: int  # per environment step
+
+    def make_replay_buffer(self, capacity_extra: int) -> Any:
+        """The buffer over the offline data (room for ``capacity_extra`` transitions) that batches now come from."""
+
+    def make_online_env(self) -> Any:
+        """A fresh environment (gymnasium API) for online interaction."""
+
+    def defer_sampling_from(self, step: int) -> None:
+        """Draw the batches of global steps >= ``step`` only after the environment steps preceding them."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Each rank's online transitions (a checkpoint entry)."""
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore them (now, or when the buffer is made)."""
+
+
 _STATE_KEYS = ("env_id", "env_steps", "episodes", "offline_steps", "utd_ratio", "start_training")
 # Checkpoints since 0.1 also hold "progress": each rank's episode in progress (its actions, the rest of the chunk).
 
@@ -103,11 +125,16 @@ class OnlinePhase(pl.Callback):
         if stage != "fit" or not self.enabled:
             return
         dm = trainer.datamodule
-        missing = [m for m in _DM_METHODS if not hasattr(dm, m)]
-        if dm is None or missing or not hasattr(dm, "horizon") or not hasattr(dm, "action_dim"):
+        if not isinstance(dm, OnlineData):
+            members = [
+                *OnlineData.__annotations__,
+                *(k for k, v in vars(OnlineData).items() if k[0] != "_" and callable(v)),
+            ]
+            missing = [m for m in members if not hasattr(dm, m)]
             raise ValueError(
-                f"the online phase needs a DataModule with {', '.join(_DM_METHODS)}, horizon and action_dim "
-                f"(OGBenchDataModule, ToyBanditDataModule); {type(dm).__name__} lacks {missing or 'horizon/action_dim'}"
+                "the online phase needs a DataModule that meets training.online.OnlineData (make_replay_buffer, "
+                "make_online_env, defer_sampling_from, state_dict, load_state_dict, horizon, action_dim; "
+                f"data.online_data.OnlineDataModule implements them); {type(dm).__name__} lacks {sorted(missing)}"
             )
         if trainer.accumulate_grad_batches != 1:
             raise ValueError("the online phase schedules one batch per gradient step: use accumulate_grad_batches=1")
