@@ -2,7 +2,8 @@
 
     python benchmarks/online.py                                   # CPU-sized fixture config, 600 online steps
     python benchmarks/online.py --online-steps 2000 --utd 2
-    python benchmarks/online.py --config configs/online/cube-double.yaml --device cuda -- \\
+    python benchmarks/online.py --config configs/model/trqam.yaml --config configs/data/cube-double.yaml \\
+        --config configs/online/paper.yaml --device cuda -- \\
         --data.init_args.dataset_dir /data/ogbench --trainer.precision bf16-mixed
 
 Runs the real `trqam-lit fit` in-process: a few offline steps (so the agent is past its BC warm-up and trains the
@@ -27,7 +28,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=str(REPO / "configs" / "online" / "cpu-fixture.yaml"))
+    p.add_argument(
+        "--config", action="append", help="a config; repeat to compose (default: configs/online/cpu-fixture.yaml)"
+    )
     p.add_argument("--online-steps", type=int, default=600)
     p.add_argument("--start-training", type=int, default=100)
     p.add_argument("--utd", type=int, default=1)
@@ -64,10 +67,11 @@ def main() -> None:
                 self.updates += 1
 
     offline = 10
+    configs = args.config or [str(REPO / "configs" / "online" / "cpu-fixture.yaml")]
     with tempfile.TemporaryDirectory() as root:
         cli = build_cli(
             [
-                "--config", args.config,
+                *(a for c in configs for a in ("--config", c)),
                 f"--trainer.max_steps={offline}", "--model.init_args.bc_warmup_steps=5",
                 f"--online.online_steps={args.online_steps}", f"--online.start_training={args.start_training}",
                 f"--online.utd_ratio={args.utd}", "--trainer.limit_val_batches=0",
@@ -102,7 +106,7 @@ def main() -> None:
         print(
             json.dumps(
                 {
-                    "config": os.path.relpath(args.config, REPO),
+                    "config": [os.path.relpath(c, REPO) for c in configs],
                     "env": getattr(dm, "env_name", type(dm).__name__),
                     "device": args.device,
                     "threads": torch.get_num_threads(),

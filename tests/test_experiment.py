@@ -373,3 +373,25 @@ def test_final_values_are_the_last_evaluation_and_the_mean_of_the_last_training_
     series = {step: float(step) for step in range(0, 100, 10)}  # 0, 10, ..., 90
     assert final_value("eval/success", series) == 90.0
     assert FINAL_WINDOW == 5 and final_value("dual/kl", series) == 70.0  # mean of 50, 60, 70, 80, 90
+
+
+def test_an_agent_composed_from_several_configs_passes_them_in_order_and_tracks_each(tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("model.yaml", "data.yaml"):
+        (tmp_path / name).write_text(f"# {name}\n")
+    (tmp_path / "grid.yaml").write_text(
+        "name: composed\nseeds: [0]\nagents:\n  fql: {config: [model.yaml, data.yaml], overrides: [--x=1]}\n"
+    )
+    run = Grid.load(tmp_path / "grid.yaml").runs[0]
+    assert run.config == ("model.yaml", "data.yaml")
+    assert run.fit_args()[:6] == ["fit", "--config", "model.yaml", "--config", "data.yaml", "--x=1"]
+    run.run_dir.mkdir(parents=True)
+    (run.run_dir / "done.json").write_text(json.dumps({"run": run.name, **run.recipe()}))
+    assert run.changed_since_finished() is None
+    (tmp_path / "data.yaml").write_text("# edited\n")  # the second file counts too
+    assert run.changed_since_finished() == "model.yaml, data.yaml changed since it finished"
+    (tmp_path / "grid.yaml").write_text("name: c\nseeds: [0]\nagents:\n  fql: {config: [model.yaml, missing.yaml]}\n")
+    with pytest.raises(FileNotFoundError, match="config of agent 'fql' not found: missing.yaml"):
+        Grid.load(tmp_path / "grid.yaml")

@@ -23,7 +23,7 @@ def test_registry_names_every_agent_once_with_its_configs():
     assert set(AGENTS.values()) == exported  # every exported agent is registered, and nothing else
     assert len({c.label for c in AGENTS.values()}) == len(AGENTS)
     for name in AGENTS:
-        assert list((CONFIGS / name).glob("*.yaml")), f"configs/{name}/ has no config"
+        assert (CONFIGS / "model" / f"{name}.yaml").is_file(), f"configs/model/{name}.yaml is missing"
 
 
 @pytest.mark.parametrize("name", list(AGENTS))

@@ -34,7 +34,7 @@ def test_without_error_the_critic_is_the_reward_and_evaluation_always_scores_the
 
 
 def test_a_grid_with_numeric_tasks_gets_final_values_plotted_against_them(tmp_path):
-    runs = [Run(agent, task, seed, "cfg.yaml", (), tmp_path / agent / task / f"seed{seed}")
+    runs = [Run(agent, task, seed, ("cfg.yaml",), (), tmp_path / agent / task / f"seed{seed}")
             for agent in ("trqam", "qam") for task in ("0.0", "1.0") for seed in (0, 1)]  # fmt: skip
     grid = Grid("sweep", tmp_path, runs)
     finals = {(agent, task, tag): [1.0, 2.0] for agent in ("trqam", "qam") for task in ("0.0", "1.0")
@@ -46,5 +46,5 @@ def test_a_grid_with_numeric_tasks_gets_final_values_plotted_against_them(tmp_pa
         "sweep_eval_return.png",
     ]
     assert all(Path(p).stat().st_size > 10_000 for p in written)
-    named = Grid("named", tmp_path, [Run("a", "task1", 0, "cfg.yaml", (), tmp_path)])
+    named = Grid("named", tmp_path, [Run("a", "task1", 0, ("cfg.yaml",), (), tmp_path)])
     assert plot_sweep(named, {("a", "task1", "eval/return"): [1.0]}, {}, tmp_path) == []  # not a sweep

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 
 import lightning.pytorch as pl
@@ -33,9 +34,11 @@ class TRQAMCLI(LightningCLI):
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
         super().parse_arguments(parser, args)
+        config = self.config[self.config.subcommand] if self.config.get("subcommand") else self.config
+        name_the_run(config)
         # LightningCLI reads --ckpt_path right after parsing: fail on a damaged file with a clear message first.
         if self.config.get("subcommand"):
-            check_checkpoint_file(self.config[self.config.subcommand].get("ckpt_path"), lightning=True)
+            check_checkpoint_file(config.get("ckpt_path"), lightning=True)
 
     def before_fit(self) -> None:
         logger = self.trainer.logger
@@ -62,6 +65,33 @@ class TRQAMCLI(LightningCLI):
         print("\n".join(lines), flush=True)
 
 
+def run_name(model_class_path: str, data_class_path: str, env_name: str | None) -> str:
+    """``<agent>-<task>``: the agent's registry name and the environment without its suffixes, e.g.
+    ``trqam-cube-double-play-task1`` (a DataModule without ``env_name``: its class name, e.g. ``trqam-toy-bandit``)."""
+    from trqam_lit.agents import AGENTS
+
+    cls_name = model_class_path.rsplit(".", 1)[-1]
+    agent = next((name for name, cls in AGENTS.items() if cls.__name__ == cls_name), cls_name.lower())
+    if env_name:
+        task = str(env_name).replace("-singletask", "").removesuffix("-v0")
+    else:
+        words = re.findall(r"[A-Z][a-z0-9]*", data_class_path.rsplit(".", 1)[-1].removesuffix("DataModule"))
+        task = "-".join(w.lower() for w in words) or "data"
+    return f"{agent}-{task}"
+
+
+def name_the_run(config) -> None:
+    """The default TensorBoard logger's run name, when the config leaves it null: :func:`run_name`, so runs of
+    different agents and tasks land in different folders under ``runs/`` without a logger block in every config."""
+    logger = config.get("trainer", {}).get("logger")
+    init = getattr(logger, "init_args", None) if logger is not None and not isinstance(logger, bool) else None
+    if init is None or init.get("name", "unset") is not None or config.get("model") is None:
+        return
+    data = config.get("data")
+    data_init = getattr(data, "init_args", None) or {}
+    init.name = run_name(config.model.class_path, getattr(data, "class_path", ""), data_init.get("env_name"))
+
+
 DESCRIPTION = (
     "trqam-lit: train (fit), evaluate (validate, test) flow policies; `trqam-lit export CKPT [-o OUT]` writes a "
     "checkpoint's policy to a file that acts with torch alone (docs/cli.md)."
@@ -72,7 +102,7 @@ def trainer_defaults() -> dict:
     return {
         "logger": {
             "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-            "init_args": {"save_dir": "runs", "name": "trqam", "default_hp_metric": False},
+            "init_args": {"save_dir": "runs", "name": None, "default_hp_metric": False},  # name: name_the_run
         },
         "callbacks": [FinalEvaluation(), StepsPerSecond(), EvaluationSummary()],
         "plugins": [AtomicCheckpointIO()],  # a run killed while saving never leaves a half-written last.ckpt
@@ -92,6 +122,7 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> TRQAMCLI:
         subclass_mode_model=True,
         subclass_mode_data=True,
         trainer_defaults=trainer_defaults(),
+        seed_everything_default=0,  # reproducible by default; --seed_everything true draws a random seed
         parser_kwargs={"parser_mode": "omegaconf", "description": DESCRIPTION},
         save_config_kwargs={"overwrite": True},
         args=args,

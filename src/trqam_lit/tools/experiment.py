@@ -10,8 +10,9 @@ A grid file (YAML)::
     name: toy-trqam-vs-bc             # runs go to <runs_dir>/<name>/<agent>/<task>/seed<k>/
     runs_dir: runs                    # optional; relative paths are relative to the working directory
     overrides: [--trainer.max_steps=2000]                 # for every run
-    agents:                                               # agent -> its config and overrides
+    agents:                                               # agent -> its config(s) and overrides
       trqam: {config: configs/toy/bandit.yaml}
+      fql: {config: [configs/model/fql.yaml, configs/data/scene.yaml, configs/model/fql/scene.yaml]}  # composed
       bc: {config: configs/toy/bandit.yaml, overrides: [--model.class_path=trqam_lit.agents.BC]}
     tasks:                                                # task -> overrides (optional; default: one task)
       c3: [--data.init_args.c=3.0]

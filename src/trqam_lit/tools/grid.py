@@ -22,7 +22,7 @@ class Run:
     agent: str
     task: str
     seed: int
-    config: str
+    config: tuple[str, ...]  # the config files, composed in this order (``--config`` each)
     overrides: tuple[str, ...]
     run_dir: Path
 
@@ -40,7 +40,7 @@ class Run:
 
     def recipe(self) -> dict:
         """What makes this run what it is: its ``fit`` arguments (without a resume checkpoint) and its config's hash."""
-        return {"fit_args": self.fit_args(resume=False), "config_sha256": _sha256(Path(self.config))}
+        return {"fit_args": self.fit_args(resume=False), "config_sha256": _configs_sha256(self.config)}
 
     def changed_since_finished(self) -> str | None:
         """Why this finished run would not be the same run if started now (None: the same, or not finished)."""
@@ -52,7 +52,7 @@ class Run:
             return f"its {DONE} is unreadable"
         now = self.recipe()
         if "config_sha256" in record and record["config_sha256"] != now["config_sha256"]:
-            return f"{self.config} changed since it finished"
+            return f"{', '.join(self.config)} changed since it finished"
         args = record.get("fit_args")
         if args is None and "command" in record:  # records written before the recipe was kept: the command line
             words = shlex.split(record["command"])
@@ -66,7 +66,12 @@ class Run:
 
     def fit_args(self, resume: bool = True) -> list[str]:
         """``trqam-lit fit`` arguments: the config, the grid's overrides, then where everything of this run goes."""
-        args = ["fit", "--config", self.config, *self.overrides, f"--seed_everything={self.seed}"]
+        args = [
+            "fit",
+            *(a for c in self.config for a in ("--config", c)),
+            *self.overrides,
+            f"--seed_everything={self.seed}",
+        ]
         args += [
             "--trainer.logger=lightning.pytorch.loggers.TensorBoardLogger",
             f"--trainer.logger.init_args.save_dir={self.run_dir}",
@@ -82,6 +87,14 @@ class Run:
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _configs_sha256(configs: tuple[str, ...]) -> str:
+    """One file: its SHA-256 (as recorded before composed configs existed); several: the SHA-256 of their names and
+    hashes in order."""
+    if len(configs) == 1:
+        return _sha256(Path(configs[0]))
+    return hashlib.sha256("\n".join(f"{c} {_sha256(Path(c))}" for c in configs).encode()).hexdigest()
 
 
 @dataclass
@@ -119,11 +132,17 @@ class Grid:
         for agent, entry in spec["agents"].items():
             if not isinstance(entry, dict) or "config" not in entry:
                 raise ValueError(f"{path}: agent '{agent}' needs a 'config' (and optional 'overrides')")
-            if not Path(entry["config"]).is_file():
-                raise FileNotFoundError(f"{path}: config of agent '{agent}' not found: {entry['config']}")
+            configs = (entry["config"],) if isinstance(entry["config"], str) else tuple(entry["config"])
+            if not configs or not all(isinstance(c, str) for c in configs):
+                raise ValueError(
+                    f"{path}: agent '{agent}': config is a file or a list of files, got {entry['config']!r}"
+                )
+            for config in configs:
+                if not Path(config).is_file():
+                    raise FileNotFoundError(f"{path}: config of agent '{agent}' not found: {config}")
             for task, task_overrides in tasks.items():
                 for seed in spec["seeds"]:
                     overrides = (*common, *(entry.get("overrides") or ()), *(task_overrides or ()))
                     run_dir = root / agent / str(task) / f"seed{int(seed)}"
-                    runs.append(Run(agent, str(task), int(seed), entry["config"], overrides, run_dir))
+                    runs.append(Run(agent, str(task), int(seed), configs, overrides, run_dir))
         return cls(spec["name"], root, runs)
