@@ -1,29 +1,13 @@
-"""One LightningModule per algorithm; thin wrappers over the pure loss functions."""
+"""One LightningModule per algorithm; thin wrappers over the pure loss functions.
+
+Every agent of the registry (``agents/registry.py``) is importable as ``trqam_lit.agents.<Class>``, the path a config's
+``model.class_path`` names: adding an agent is its module and one registry line, nothing here.
+"""
 
 from trqam_lit.agents.adjoint_matching import AdjointMatchingAgent
 from trqam_lit.agents.base import FlowAgent
-from trqam_lit.agents.bc import BC
-from trqam_lit.agents.cgql import CGQL
-from trqam_lit.agents.dsrl import DSRL
-from trqam_lit.agents.fql import FQL
-from trqam_lit.agents.ifql import IFQL
-from trqam_lit.agents.qam import QAM
-from trqam_lit.agents.qam_e import QAME
-from trqam_lit.agents.qam_f import QAMF
 from trqam_lit.agents.registry import AGENTS
-from trqam_lit.agents.trqam import TRQAM
 
-__all__ = [
-    "AGENTS",
-    "BC",
-    "CGQL",
-    "DSRL",
-    "FQL",
-    "IFQL",
-    "QAM",
-    "QAME",
-    "QAMF",
-    "TRQAM",
-    "AdjointMatchingAgent",
-    "FlowAgent",
-]
+globals().update({cls.__name__: cls for cls in AGENTS.values()})
+
+__all__ = ["AGENTS", "AdjointMatchingAgent", "FlowAgent", *sorted(cls.__name__ for cls in AGENTS.values())]

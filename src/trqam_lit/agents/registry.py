@@ -1,7 +1,8 @@
 """The agents by name: the one list the tests, the benchmark and the docs iterate over.
 
-A name is the agent's folder under ``configs/`` and what ``trqam-lit-exp`` grids call it; the class is what a config's
-``model.class_path`` names (``trqam_lit.agents.<class>``). Adding an agent: its module, one line here.
+A name is the agent's config, ``configs/model/<name>.yaml``, and what ``trqam-lit-exp`` grids call it; the class is
+what a config's ``model.class_path`` names (``trqam_lit.agents.<Class>``: ``agents/__init__.py`` exports every class
+listed here). Adding an agent: its module, one line here.
 """
 
 from __future__ import annotations
