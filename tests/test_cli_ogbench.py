@@ -110,8 +110,9 @@ DEFAULT_RUN = ("fql", "qam-e")
     "agent", [a if a in DEFAULT_RUN else pytest.param(a, marks=pytest.mark.slow) for a in BASELINES]
 )
 def test_baseline_paper_config_runs_on_the_fixture(agent, tmp_path):
-    configs = [CONFIGS / "model" / f"{agent}.yaml", CONFIGS / "data" / "cube-double.yaml",
-               CONFIGS / "model" / agent / BASELINE_CONFIG.get(agent, "cube-double.yaml")]  # fmt: skip
+    per_domain = CONFIGS / "model" / agent / BASELINE_CONFIG.get(agent, "cube-double.yaml")  # if it has any
+    configs = [CONFIGS / "model" / f"{agent}.yaml", CONFIGS / "data" / "cube-double.yaml"]
+    configs += [per_domain] if per_domain.is_file() else []
     args = ["fit", *(a for c in configs for a in ("--config", str(c))), "--data.init_args.dataset_dir=fixture",
             "--data.init_args.env_name=cube-double-play-singletask-task1-v0",
             *fast_trainer_args(tmp_path, BASELINE_STEPS, BASELINE_STEPS), "--model.init_args.actor_hidden_dims=[32,32]",
