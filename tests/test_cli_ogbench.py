@@ -118,7 +118,7 @@ def test_baseline_paper_config_runs_on_the_fixture(agent, tmp_path):
             *fast_trainer_args(tmp_path, BASELINE_STEPS, BASELINE_STEPS), "--model.init_args.actor_hidden_dims=[32,32]",
             "--model.init_args.critic_hidden_dims=[32,32]", "--model.init_args.num_critics=2",
             "--data.init_args.batch_size=16", "--data.init_args.eval_episodes=2", "--data.init_args.eval_envs=2",
-            f"--checkpoint.every_n_train_steps={BASELINE_STEPS}"]  # fmt: skip
+            f"--checkpoint.every_n_train_steps={BASELINE_STEPS}", "--model.init_args.bc_warmup_steps=0"]  # fmt: skip
     proc = run_cli(args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     scalars = read_scalars(run_dir(tmp_path))
