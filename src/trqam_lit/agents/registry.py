@@ -16,6 +16,7 @@ from trqam_lit.agents.ifql import IFQL
 from trqam_lit.agents.qam import QAM
 from trqam_lit.agents.qam_e import QAME
 from trqam_lit.agents.qam_f import QAMF
+from trqam_lit.agents.qam_kl import QAMKL
 from trqam_lit.agents.trqam import TRQAM
 
 AGENTS: dict[str, type[FlowAgent]] = {
@@ -28,4 +29,5 @@ AGENTS: dict[str, type[FlowAgent]] = {
     "ifql": IFQL,
     "dsrl": DSRL,
     "cgql": CGQL,
+    "qam-kl": QAMKL,
 }
