@@ -4,13 +4,9 @@ its log-density and the temperature loss. The standard-normal draws are argument
 
 from __future__ import annotations
 
-import math
-
-import torch.nn.functional as F
 from torch import Tensor
-
-_LOG_2 = math.log(2.0)
-_HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
+from torch.distributions import Independent, Normal, TransformedDistribution
+from torch.distributions.transforms import TanhTransform
 
 
 def tanh_gaussian_sample(mean: Tensor, log_std: Tensor, eps: Tensor) -> tuple[Tensor, Tensor]:
@@ -26,13 +22,13 @@ def tanh_gaussian_sample(mean: Tensor, log_std: Tensor, eps: Tensor) -> tuple[Te
 def tanh_gaussian_log_prob(mean: Tensor, log_std: Tensor, x: Tensor) -> Tensor:
     """log pi(tanh(x)) (..,): sum_d log N(x_d; mean_d, std_d) - sum_d log(1 - tanh(x_d)^2), at the PRE-tanh x.
 
-    log(1 - tanh^2 x) = 2 (log 2 - x - softplus(-2 x)) is finite for every x; taking x back as atanh(tanh(x)) is
-    not (inf once tanh(x) rounds to +-1 in float32), which is why the sample's x is passed (tfp caches it too).
+    torch.distributions' tanh-transformed diagonal normal: its ``TanhTransform`` caches x with tanh(x) (as tfp does),
+    so the Jacobian term is 2 (log 2 - x - softplus(-2 x)) at the sample's own x, finite for every x; taking x back as
+    atanh(tanh(x)) is not (inf once tanh(x) rounds to +-1 in float32), which is why the sample's x is passed.
     """
-    z = (x - mean) * (-log_std).exp()
-    gauss = -0.5 * z.pow(2) - log_std - _HALF_LOG_2PI
-    log_det = 2.0 * (_LOG_2 - x - F.softplus(-2.0 * x))
-    return (gauss - log_det).sum(dim=-1)
+    tanh = TanhTransform(cache_size=1)
+    policy = TransformedDistribution(Independent(Normal(mean, log_std.exp()), 1), [tanh])
+    return policy.log_prob(tanh(x))
 
 
 def temperature_loss(alpha: Tensor, log_prob: Tensor, target_entropy: float) -> Tensor:
