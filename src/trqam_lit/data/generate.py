@@ -281,36 +281,23 @@ def _worker_episode(index: int) -> dict[str, np.ndarray]:
 
 
 class _Progress:
-    """tqdm when installed, else a plain stderr line every few seconds (no new dependency)."""
+    """A tqdm bar on stderr (tqdm comes with Lightning) with the rows generated and their rate; ``enabled`` False:
+    silent."""
 
     def __init__(self, total: int, desc: str, enabled: bool) -> None:
-        self.total, self.desc, self.enabled = total, desc, enabled
-        self.done = self.rows = 0
-        self.start = self._last = time.perf_counter()
-        self._bar = None
-        if enabled:
-            try:
-                from tqdm import tqdm
+        from tqdm import tqdm
 
-                self._bar = tqdm(total=total, desc=desc, unit="ep", file=sys.stderr)
-            except ImportError:
-                pass
+        self.rows, self.start = 0, time.perf_counter()
+        self._bar = tqdm(total=total, desc=desc, unit="ep", file=sys.stderr, disable=not enabled)
 
     def update(self, rows: int) -> None:
-        self.done += 1
         self.rows += rows
         rate = self.rows / max(time.perf_counter() - self.start, 1e-9)
-        if self._bar is not None:
-            self._bar.set_postfix(rows=self.rows, rows_per_s=f"{rate:.0f}", refresh=False)
-            self._bar.update(1)
-        elif self.enabled and (time.perf_counter() - self._last > 5 or self.done == self.total):
-            self._last = time.perf_counter()
-            msg = f"{self.desc}: {self.done}/{self.total} episodes, {self.rows} rows, {rate:.0f} rows/s"
-            print(msg, file=sys.stderr)
+        self._bar.set_postfix(rows=self.rows, rows_per_s=f"{rate:.0f}", refresh=False)
+        self._bar.update(1)
 
     def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
+        self._bar.close()
 
 
 def _collect(cfg: GenerationConfig, workers: int, progress: bool) -> tuple[list[dict[str, np.ndarray]], float]:
