@@ -22,7 +22,7 @@ from trqam_lit.agents.update_guard import AppliedUpdate
 from trqam_lit.data import OGBenchDataModule
 from trqam_lit.data.errors import DatasetFormatError
 from trqam_lit.data.toy import ToyBanditDataModule
-from trqam_lit.training.rng import EVAL_NOISE, seeded
+from trqam_lit.training.rng import EVAL_NOISE, TRAIN_NOISE, fold_seed, seeded
 
 FIXTURES = Path(trqam_lit.__file__).parent / "data" / "fixtures"
 
@@ -216,6 +216,30 @@ def test_draws_are_a_function_of_seed_rank_and_step_only():
     with seeded(torch.device("cpu"), model.seed_of(EVAL_NOISE)):
         acting = torch.randn(4, 3)
     assert not torch.equal(first, acting)
+    model._trainer = None
+
+
+def test_a_draw_source_hands_out_every_draw_and_without_one_the_seeded_generator_does():
+    model, _ = toy()
+    model.rng_seed.fill_(7)
+    model._trainer = types.SimpleNamespace(global_rank=1, global_step=5)
+    assert model.draw_source is None  # the default: the generator seeded by (seed, rank, step), in call order
+    gen = torch.Generator().manual_seed(fold_seed(7, 1, 5, TRAIN_NOISE))
+    assert torch.equal(model.draw("bc/x0", 4, 3), torch.randn(4, 3, generator=gen))
+    assert torch.equal(model.draw("bc/t", 4, 1, uniform=True), torch.rand(4, 1, generator=gen))
+
+    calls = []
+
+    def source(name: str, shape: tuple[int, ...], uniform: bool) -> torch.Tensor:
+        calls.append((name, shape, uniform))
+        return torch.full(shape, float(len(calls)))
+
+    model.draw_source = source  # on the instance of the real class: every draw comes from it
+    assert torch.equal(model.draw("am/x0", 2, 3), torch.full((2, 3), 1.0))
+    assert torch.equal(model.draw("bc/t", 2, 1, uniform=True), torch.full((2, 1), 2.0))
+    assert calls == [("am/x0", (2, 3), False), ("bc/t", (2, 1), True)]
+    model.draw_source = None  # the generator again: its stream goes on where it was (the source read none of it)
+    assert torch.equal(model.draw("critic/next_noise", 4, 3), torch.randn(4, 3, generator=gen))
     model._trainer = None
 
 
