@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 
 from trqam_lit.math.nets import CriticEnsemble, LogParam, OneStepPolicy, StateValue, TanhGaussianPolicy, VelocityField
+from trqam_lit.math.targets import polyak_update
 
 GOLDEN_DIR = Path(__file__).parent / "fixtures" / "golden"
 
@@ -24,43 +26,33 @@ def t(x: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.asarray(x, dtype=np.float32).copy())
 
 
-def actor_param_map(net: VelocityField, prefix: str) -> dict[str, torch.nn.Parameter]:
-    """flax leaf name -> (torch parameter, transpose?) for a velocity field."""
+def dense_param_map(mlp, prefix: str, transpose: bool) -> dict[str, tuple[torch.nn.Parameter, bool]]:
+    """flax leaf name -> (torch parameter, transpose?) for the ``Dense_i`` then ``LayerNorm_i`` leaves of an MLP
+    (``hidden``, ``out``, ``norms``) under ``prefix``; ``transpose``: the kernels are flax's (in, out)."""
     out = {}
-    for i, lin in enumerate([*net.mlp.hidden, net.mlp.out]):
-        out[f"{prefix}/mlp/Dense_{i}/kernel"] = (lin.weight, True)
-        out[f"{prefix}/mlp/Dense_{i}/bias"] = (lin.bias, False)
-    if net.mlp.norms is not None:
-        for i, ln in enumerate(net.mlp.norms):
-            out[f"{prefix}/mlp/LayerNorm_{i}/scale"] = (ln.weight, False)
-            out[f"{prefix}/mlp/LayerNorm_{i}/bias"] = (ln.bias, False)
-    return out
-
-
-def critic_param_map(net: CriticEnsemble, prefix: str) -> dict[str, torch.nn.Parameter]:
-    out = {}
-    prefix = f"{prefix}/mlp" if net.time_input else f"{prefix}/value_net"  # CGQL's Q(s, a, t) is an ActorVectorField
-    for i, lin in enumerate([*net.hidden, net.out]):
-        out[f"{prefix}/Dense_{i}/kernel"] = (lin.weight, False)  # (E, in, out) both sides
+    for i, lin in enumerate([*mlp.hidden, mlp.out]):
+        out[f"{prefix}/Dense_{i}/kernel"] = (lin.weight, transpose)
         out[f"{prefix}/Dense_{i}/bias"] = (lin.bias, False)
-    if net.norms is not None:
-        for i, ln in enumerate(net.norms):
+    if mlp.norms is not None:
+        for i, ln in enumerate(mlp.norms):
             out[f"{prefix}/LayerNorm_{i}/scale"] = (ln.weight, False)
             out[f"{prefix}/LayerNorm_{i}/bias"] = (ln.bias, False)
     return out
 
 
-def value_param_map(net: StateValue, prefix: str) -> dict[str, torch.nn.Parameter]:
+def actor_param_map(net: VelocityField, prefix: str) -> dict[str, tuple[torch.nn.Parameter, bool]]:
+    """flax leaf name -> (torch parameter, transpose?) for a velocity field."""
+    return dense_param_map(net.mlp, f"{prefix}/mlp", transpose=True)
+
+
+def critic_param_map(net: CriticEnsemble, prefix: str) -> dict[str, tuple[torch.nn.Parameter, bool]]:
+    """A critic ensemble: kernels (E, in, out) both sides; CGQL's Q(s, a, t) is an ActorVectorField (flax ``mlp``)."""
+    return dense_param_map(net, f"{prefix}/mlp" if net.time_input else f"{prefix}/value_net", transpose=False)
+
+
+def value_param_map(net: StateValue, prefix: str) -> dict[str, tuple[torch.nn.Parameter, bool]]:
     """A state value net (IFQL's ``value``: flax ``value_net``, no ensemble axis, kernels (in, out))."""
-    out = {}
-    for i, lin in enumerate([*net.mlp.hidden, net.mlp.out]):
-        out[f"{prefix}/value_net/Dense_{i}/kernel"] = (lin.weight, True)
-        out[f"{prefix}/value_net/Dense_{i}/bias"] = (lin.bias, False)
-    if net.mlp.norms is not None:
-        for i, ln in enumerate(net.mlp.norms):
-            out[f"{prefix}/value_net/LayerNorm_{i}/scale"] = (ln.weight, False)
-            out[f"{prefix}/value_net/LayerNorm_{i}/bias"] = (ln.bias, False)
-    return out
+    return dense_param_map(net.mlp, f"{prefix}/value_net", transpose=True)
 
 
 # The recorded networks of each baseline agent: flax module name -> attribute of the LightningModule.
@@ -71,12 +63,14 @@ AGENT_NETS = {
 # QAM-F / QAM-E: QAM's networks (the records' target_actor_fast is never used) and the variant's own
 _QAM_NETS = {"actor_fast": "v_ft", "actor_slow": "v_bc", "target_actor_slow": "v_base", "critic": "critic"}
 _QAM_NETS["target_critic"] = "target_critic"
+AGENT_NETS["trqam"] = AGENT_NETS["qam"] = _QAM_NETS
 AGENT_NETS["qam-f"] = {**_QAM_NETS, "one_step_actor": "mu"}
 AGENT_NETS["qam-e"] = {**_QAM_NETS, "edit_actor": "edit_policy", "edit_alpha": "edit_alpha"}
 AGENT_NETS["dsrl"] = {"actor_bc_flow": "v_bc", "target_actor_bc_flow": "v_base", "actor": "actor", "alpha": "alpha",
                       "z_critic": "z_critic", "critic": "critic", "target_critic": "target_critic"}  # fmt: skip
 # The networks the reference's optimizer trains (every other recorded network is a polyak target).
 AGENT_ONLINE = {"fql": ("critic", "actor_bc_flow", "actor_onestep_flow"), "ifql": ("critic", "actor_flow", "value")}
+AGENT_ONLINE["trqam"] = AGENT_ONLINE["qam"] = ("critic", "actor_slow", "actor_fast")
 AGENT_ONLINE["qam-f"] = ("critic", "actor_slow", "actor_fast", "one_step_actor")
 AGENT_ONLINE["qam-e"] = ("critic", "actor_slow", "actor_fast", "edit_actor", "edit_alpha")
 AGENT_ONLINE["dsrl"] = ("critic", "z_critic", "actor_bc_flow", "actor", "alpha")
@@ -189,12 +183,7 @@ class GoldenNets:
         self.load("params_before", arrays)
 
     def load(self, group: str, arrays: dict[str, np.ndarray]) -> None:
-        with torch.no_grad():
-            for net_map in self.maps.values():
-                for leaf, (param, tr) in net_map.items():
-                    value = flax_to_torch(arrays[f"{group}/{leaf}"], tr)
-                    assert value.shape == param.shape, (leaf, value.shape, param.shape)
-                    param.copy_(value)
+        load_params(self.maps, arrays, group)
 
     def leaves(self, net: str):
         """(flax leaf name, torch parameter, transpose?) for one recorded network."""
@@ -388,18 +377,18 @@ UNIFORM_DRAWS = frozenset({"bc/t"})  # jax.random.uniform in the record; every o
 
 
 def recorded_draw(draws: dict[str, torch.Tensor], uniform_names=UNIFORM_DRAWS, flow_steps: int | None = None):
-    """A ``draw`` method for a recorded agent subclass: hands out the recorded draw by name and appends the name to
-    ``self.draw_calls``; a draw of another shape or kind fails instead of being reshaped. With ``flow_steps`` K, an
-    ``am/eps`` asked for as K-1 steps gets the documented slice (the reference's K-th per-step draw is never used)."""
+    """A ``draw_source`` (trqam_lit.agents.draws.RandomStreams) ``(name, shape, uniform) -> Tensor`` that hands out
+    the recorded draw by name; a draw of another shape or kind fails instead of being reshaped. With ``flow_steps`` K,
+    an ``am/eps`` asked for as K-1 steps gets the documented slice (the reference's K-th per-step draw is never used).
+    """
 
-    def draw(self, name, *shape, uniform=False):
+    def draw(name: str, shape: tuple[int, ...], uniform: bool) -> torch.Tensor:
         value = draws[name]
         assert uniform == (name in uniform_names), f"{name}: uniform={uniform} but the record drew the other kind"
         if flow_steps is not None and name == "am/eps" and tuple(shape) == (flow_steps - 1, *value.shape[1:]):
             value = value[: flow_steps - 1]
         assert tuple(shape) == value.shape, f"{name}: asked for {tuple(shape)}, recorded {tuple(value.shape)}"
-        self.draw_calls.append(name)
-        return value.to(self.device)
+        return value
 
     return draw
 
@@ -583,6 +572,18 @@ def capture_calls(net: torch.nn.Module) -> list:
     return calls
 
 
+def set_adam_state(opt: torch.optim.Optimizer, maps: dict[str, dict], online, arrays, count: float) -> None:
+    """The recorded Adam moments (``adam_mu_before`` / ``adam_nu_before``) and ``count`` as ``opt``'s state of every
+    parameter of the ``online`` networks."""
+    for flax_name in online:
+        for leaf, (param, tr) in maps[flax_name].items():
+            opt.state[param] = {
+                "step": torch.tensor(float(count)),
+                "exp_avg": flax_to_torch(arrays[f"adam_mu_before/{leaf}"], tr),
+                "exp_avg_sq": flax_to_torch(arrays[f"adam_nu_before/{leaf}"], tr),
+            }
+
+
 def adam_state_callback(maps, arrays, online, count: int):
     """A callback that sets the recorded Adam moments and count of the ``online`` networks before the one step."""
     import lightning.pytorch as pl
@@ -590,13 +591,7 @@ def adam_state_callback(maps, arrays, online, count: int):
     class AdamState(pl.Callback):
         def on_train_start(self, trainer, pl_module) -> None:
             (opt,) = trainer.optimizers
-            for flax_name in online:
-                for leaf, (param, tr) in maps[flax_name].items():
-                    opt.state[param] = {
-                        "step": torch.tensor(float(count)),
-                        "exp_avg": flax_to_torch(arrays[f"adam_mu_before/{leaf}"], tr),
-                        "exp_avg_sq": flax_to_torch(arrays[f"adam_nu_before/{leaf}"], tr),
-                    }
+            set_adam_state(opt, maps, online, arrays, count)
 
     return AdamState()
 
@@ -624,33 +619,98 @@ def assert_reference_adam(opt: torch.optim.Optimizer, cfg: dict, maps: dict[str,
     assert trained == {id(p) for name in online for p, _ in maps[name].values()}
 
 
-def recorded_agent_of(cls: type, record: str, make_draw, keep: dict, agent: str | None = None):
+def keep_output(model, method: str, attr: str | tuple[str, int]) -> None:
+    """Wrap ``model.<method>`` on the instance (its class is untouched) so that each call keeps its output on the
+    model as ``attr``, or for ``(attr, index)`` one element of a tuple output."""
+    name, index = (attr, None) if isinstance(attr, str) else attr
+    original = getattr(model, method)  # the bound method of the class
+
+    def kept(*args, **kwargs):
+        out = original(*args, **kwargs)
+        setattr(model, name, out if index is None else out[index])
+        return out
+
+    setattr(model, method, kept)
+
+
+def recorded_agent_of(cls: type, record: str, keep: dict, make_draw=None, agent: str | None = None, **overrides):
     """Agent ``cls`` as the record ``record`` starts its update, ready for one Trainer step.
 
-    Built with the record's hyperparameters (``agent_hparams``; every one of them set, nothing else but
-    NEUTRAL_HPARAMS) and weights; it draws with ``make_draw(arrays, config)`` (a ``recorded_draw``, which lists the
-    names asked for in ``model.draw_calls``); each method named in ``keep`` keeps its output on the model: method ->
-    attribute, or (attribute, index) for one element of a tuple output. Returns (model, maps, batch, arrays, meta).
+    Built with the record's hyperparameters (``agent_hparams``, then ``overrides``; every one of them set, nothing else
+    but NEUTRAL_HPARAMS) and weights. Its ``draw_source`` is ``make_draw(arrays, config)`` (default: ``recorded_draw``
+    of ``recorded_draws`` with the record's flow_steps), and ``model.draw_calls`` lists the names it was asked for.
+    Each method named in ``keep`` keeps its output on the model (keep_output): method -> attribute, or (attribute,
+    index) for one element of a tuple output. The model is of class ``cls`` itself. Returns (model, maps, batch,
+    arrays, meta).
     """
     arrays, meta = load(record)
-    hparams = agent_hparams(agent or record, arrays, meta)
+    hparams = {**agent_hparams(agent or record, arrays, meta), **overrides}
+    make_draw = make_draw or (lambda a, cfg: recorded_draw(recorded_draws(a, cfg), flow_steps=cfg["flow_steps"]))
     draw = make_draw(arrays, meta["config"])
-
-    def keeping(method: str, attr: str | tuple[str, int]):
-        name, index = (attr, None) if isinstance(attr, str) else attr
-
-        def kept(self, *args, **kwargs):
-            out = getattr(super(recorded, self), method)(*args, **kwargs)
-            setattr(self, name, out if index is None else out[index])
-            return out
-
-        return kept
-
-    recorded = type(f"Recorded{cls.__name__}", (cls,), {"draw": draw, **{m: keeping(m, a) for m, a in keep.items()}})
-    model = recorded(**hparams)
+    model = cls(**hparams)
+    assert type(model) is cls  # no subclass: the recorded draws and kept outputs are set on the instance
     assert set(model.hparams) - set(hparams) <= NEUTRAL_HPARAMS, sorted(set(model.hparams) - set(hparams))
     assert {k: model.hparams[k] for k in hparams} == hparams
     model.draw_calls = []
+
+    def draw_source(name: str, shape: tuple[int, ...], uniform: bool) -> torch.Tensor:
+        value = draw(name, shape, uniform)
+        model.draw_calls.append(name)
+        return value.to(model.device)
+
+    model.draw_source = draw_source
+    for method, attr in keep.items():
+        keep_output(model, method, attr)
     maps = param_maps(model, AGENT_NETS[agent or record])
     load_params(maps, arrays)
     return model, maps, recorded_batch(arrays), arrays, meta
+
+
+# ---------------------------------------------------------------- the harness of the by-hand updates (pure functions)
+
+
+def load_checked(record: str, agent: str | None = None) -> tuple[dict[str, np.ndarray], dict, dict]:
+    """(arrays, meta, config) of ``record``, its config checked to take the code paths of ``agent`` (default: the
+    record's) in the reference (check_reference_config)."""
+    arrays, meta = load(record)
+    check_reference_config(agent or record, meta["config"])
+    return arrays, meta, meta["config"]
+
+
+def recorded_networks(agent: str, arrays: dict[str, np.ndarray], **nets: torch.nn.Module):
+    """(namespace, maps): the networks ``nets`` under the agent's attribute names, with the record's
+    ``params_before`` loaded, and their param_maps (flax names of AGENT_NETS[agent])."""
+    namespace = SimpleNamespace(**nets)
+    maps = param_maps(namespace, AGENT_NETS[agent])
+    load_params(maps, arrays)
+    return namespace, maps
+
+
+def reference_adam_step(params, maps: dict[str, dict], online, arrays, meta: dict) -> torch.optim.Adam:
+    """One step of the reference's optax.adam(lr) on ``params``, from the recorded Adam state (moments and count) of
+    the ``online`` networks' parameters; returns the optimizer."""
+    opt = torch.optim.Adam(params, lr=meta["config"]["lr"], **OPTAX_ADAM)
+    count = float(meta["state_set_by_harness"]["adam_count"])
+    assert count == float(arrays["adam_count_before"])
+    set_adam_state(opt, maps, online, arrays, count)
+    opt.step()
+    return opt
+
+
+def step_by_hand(up, agent: str, polyak: tuple[tuple[str, str], ...], clip: float | None = None) -> None:
+    """The step of a by-hand update ``up`` (``nets``, ``maps``, ``cfg``, ``arrays``, ``meta``) after its loss
+    ``up.total``, kept on ``up``: backward; the online networks' gradients by leaf (``grads``: network -> {leaf:
+    gradient}) and the targets' (``target_grads``); their global norm (``grad_norm``), then the clip to ``clip`` if
+    given; polyak of each (target, online) pair (flax names) with the pre-step weights; Adam (``opt``)."""
+    nets, online = {flax: getattr(up.nets, attr) for flax, attr in AGENT_NETS[agent].items()}, AGENT_ONLINE[agent]
+    params = [p for name in online for p in nets[name].parameters()]
+    up.total.backward()
+    up.grads = {name: {leaf: p.grad.clone() for leaf, (p, _) in up.maps[name].items()} for name in online}
+    up.target_grads = [p.grad for name, net in nets.items() if name not in online for p in net.parameters()]
+    if clip is None:
+        up.grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    else:
+        up.grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm=clip)
+    for target, source in polyak:
+        polyak_update(nets[target], nets[source], up.cfg["tau"])
+    up.opt = reference_adam_step(params, up.maps, online, up.arrays, up.meta)

@@ -9,35 +9,12 @@ compared as a change against the recorded change (golden.update_tolerance).
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 import torch
 
-from golden import (
-    AGENT_NETS,
-    AGENT_ONLINE,
-    OPTAX_ADAM,
-    assert_params_and_adam_match,
-    assert_reference_adam,
-    capture_calls,
-    check_reference_config,
-    close,
-    critic_ensemble,
-    flax_to_torch,
-    load,
-    load_params,
-    one_trainer_step,
-    param_maps,
-    random_batch,
-    record_shapes,
-    recorded_agent_of,
-    recorded_batch,
-    recorded_draw,
-    recorded_draws,
-    velocity_field,
-)
+import golden
+from golden import assert_params_and_adam_match, assert_reference_adam, capture_calls, close
 from helpers import one_torch_thread  # noqa: F401  (autouse)
 from trqam_lit.agents import DSRL
 from trqam_lit.agents.dsrl import latent_actor_loss, latent_distillation_loss, steered_actions
@@ -45,9 +22,8 @@ from trqam_lit.math.critic import critic_loss, ensemble_pessimistic_value, td_ta
 from trqam_lit.math.flow import bc_flow_loss, sample_actions
 from trqam_lit.math.nets import LogParam, TanhGaussianPolicy
 from trqam_lit.math.tanh_gaussian import tanh_gaussian_log_prob, tanh_gaussian_sample, temperature_loss
-from trqam_lit.math.targets import polyak_update
 
-NETS, ONLINE = AGENT_NETS["dsrl"], AGENT_ONLINE["dsrl"]
+NETS, ONLINE = golden.AGENT_NETS["dsrl"], golden.AGENT_ONLINE["dsrl"]
 TARGETS = tuple(name for name in NETS if name not in ONLINE)
 POLYAK = (("target_critic", "critic"), ("target_actor_bc_flow", "actor_bc_flow"))  # (target, online), flax names
 
@@ -59,24 +35,23 @@ class Update:
     """The recorded DSRL update with the project's pure functions, keeping every intermediate."""
 
     def __init__(self) -> None:
-        self.arrays, self.meta = a, meta = load("dsrl")
-        self.cfg = cfg = meta["config"]
-        check_reference_config("dsrl", cfg)
-        shapes = record_shapes(a, meta)
-        self.nets = n = SimpleNamespace(
-            v_bc=velocity_field(a, meta),
-            v_base=velocity_field(a, meta),
+        self.arrays, self.meta, self.cfg = a, meta, cfg = golden.load_checked("dsrl")
+        shapes = golden.record_shapes(a, meta)
+        self.nets, self.maps = golden.recorded_networks(
+            "dsrl",
+            a,
+            v_bc=golden.velocity_field(a, meta),
+            v_base=golden.velocity_field(a, meta),
             actor=TanhGaussianPolicy(shapes["obs_dim"], shapes["action_dim"], shapes["hidden_dims"]),
-            z_critic=critic_ensemble(a, meta),
+            z_critic=golden.critic_ensemble(a, meta),
             alpha=LogParam(),
-            critic=critic_ensemble(a, meta),
-            target_critic=critic_ensemble(a, meta),
+            critic=golden.critic_ensemble(a, meta),
+            target_critic=golden.critic_ensemble(a, meta),
         )
-        self.maps = param_maps(n, NETS)
-        load_params(self.maps, a)
+        n = self.nets
         self.K, self.H, self.scale = K, H, scale = cfg["flow_steps"], cfg["horizon_length"], cfg["noise_scale"]
-        d = recorded_draws(a, cfg)
-        batch = recorded_batch(a)
+        d = golden.recorded_draws(a, cfg)
+        batch = golden.recorded_batch(a)
         self.s, self.next_s = s, next_s = batch["observations"], batch["next_observations"]
         self.base_calls, self.critic_calls = capture_calls(n.v_base), capture_calls(n.critic)
         self.bc_calls, self.z_calls = capture_calls(n.v_bc), capture_calls(n.z_critic)
@@ -109,26 +84,7 @@ class Update:
 
     def step(self) -> None:
         """Backward, NO clip (plain optax.adam), polyak of the critic and the BC flow (pre-step weights), Adam."""
-        n, a, cfg = self.nets, self.arrays, self.cfg
-        online = {name: getattr(n, NETS[name]) for name in ONLINE}
-        params = [p for net in online.values() for p in net.parameters()]
-        self.total.backward()
-        self.grads = {name: {leaf: p.grad.clone() for leaf, (p, _) in self.maps[name].items()} for name in online}
-        self.target_grads = [p.grad for name in TARGETS for p in getattr(n, NETS[name]).parameters()]
-        self.grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        for target, source in POLYAK:
-            polyak_update(getattr(n, NETS[target]), getattr(n, NETS[source]), cfg["tau"])
-        self.opt = opt = torch.optim.Adam(params, lr=cfg["lr"], **OPTAX_ADAM)
-        count = float(self.meta["state_set_by_harness"]["adam_count"])
-        assert count == float(a["adam_count_before"])
-        for name in ONLINE:
-            for leaf, (p, tr) in self.maps[name].items():
-                opt.state[p] = {
-                    "step": torch.tensor(count),
-                    "exp_avg": flax_to_torch(a[f"adam_mu_before/{leaf}"], tr),
-                    "exp_avg_sq": flax_to_torch(a[f"adam_nu_before/{leaf}"], tr),
-                }
-        opt.step()
+        golden.step_by_hand(self, "dsrl", POLYAK)
 
 
 @pytest.fixture(scope="module")
@@ -235,7 +191,7 @@ def test_parameter_and_adam_changes_match(update):
 def recorded_dsrl():
     keep = {"bc_loss": "bc_out", "critic_loss": ("critic_out", 0), "distill_loss": "distill_out",
             "actor_losses": "actor_out"}  # fmt: skip
-    return recorded_agent_of(DSRL, "dsrl", lambda a, cfg: recorded_draw(recorded_draws(a, cfg)), keep)
+    return golden.recorded_agent_of(DSRL, "dsrl", keep)
 
 
 def test_one_trainer_step_reproduces_the_recorded_update():
@@ -243,7 +199,7 @@ def test_one_trainer_step_reproduces_the_recorded_update():
     cfg = meta["config"]
     count = meta["state_set_by_harness"]["adam_count"]
     target_calls, z_calls = capture_calls(model.target_critic), capture_calls(model.z_critic)
-    trainer = one_trainer_step(model, maps, batch, a, ONLINE, count)
+    trainer = golden.one_trainer_step(model, maps, batch, a, ONLINE, count)
 
     # every recorded draw asked for once, in the reference's order
     assert model.draw_calls == ["critic/next_noise", "distill/noise", "bc/x0", "bc/t", "actor/eps"], model.draw_calls
@@ -263,6 +219,7 @@ def test_one_trainer_step_reproduces_the_recorded_update():
     close(model.actor_out.entropy, a["actor/entropy"], "entropy")
     close(model.actor_out.std, a["info/actor/action_std"], "mean pre-tanh std")
     total = model.critic_out + distill + model.bc_out + model.actor_out.actor + model.actor_out.alpha
+    # Duplicate kept (~ test_fql.py's, the Trainer-step checks end alike); golden assertions stay written out per agent
     close(total, a["loss/total"], "total loss")
 
     # the reference's optax.adam(lr) over exactly the five online networks (the temperature included)
@@ -288,7 +245,7 @@ def test_gradient_isolation_of_each_loss():
     """torchrl-style, through the agent's own methods: L_Q reaches only the critic, L_z only Q_z (the critic and
     the base ODE of its target without graph), L_BC only v_bc, L_pi only the noise policy (Q_z and alpha held
     fixed), the temperature loss only alpha (log pi held fixed)."""
-    model, batch = small_dsrl(), random_batch()
+    model, batch = small_dsrl(), golden.random_batch()
     names = ("v_bc", "v_base", "actor", "z_critic", "alpha", "critic", "target_critic")
     modules = {n: getattr(model, n) for n in names}
     assert {n for n, m in model.named_children() if any(True for _ in m.parameters())} == set(modules)
@@ -318,7 +275,7 @@ def test_gradient_isolation_of_each_loss():
 
 
 def test_acting_and_the_td_target_steer_the_base_flow_with_a_noise_policy_sample():
-    model, batch = small_dsrl(), random_batch()
+    model, batch = small_dsrl(), golden.random_batch()
     s, eps = batch["observations"], torch.randn(5, 6)
     with torch.no_grad():
         model.actor.mean.bias.fill_(0.3)  # a latent away from 0
@@ -364,7 +321,7 @@ def test_during_a_bc_warmup_the_bc_flow_acts_and_its_end_sets_the_base_flow():
 def test_the_actor_scores_the_scaled_latent_and_the_distillation_the_raw_noise():
     """noise_scale multiplies the latent the noise policy proposes (to Q_z and to the base ODE), never the
     distillation's z: Q_z is learned on N(0, I) inputs and queried at noise_scale * w."""
-    model, batch = small_dsrl(noise_scale=1.5), random_batch()
+    model, batch = small_dsrl(noise_scale=1.5), golden.random_batch()
     s, eps, z = batch["observations"], torch.randn(5, 6), torch.randn(5, 6)
     model.draw = lambda name, *shape, uniform=False: {"actor/eps": eps, "distill/noise": z}[name]
     calls = capture_calls(model.z_critic)

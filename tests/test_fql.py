@@ -9,42 +9,18 @@ change against the recorded change (golden.update_tolerance).
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 import torch
 
-from golden import (
-    AGENT_NETS,
-    AGENT_ONLINE,
-    OPTAX_ADAM,
-    assert_params_and_adam_match,
-    assert_reference_adam,
-    capture_calls,
-    check_reference_config,
-    close,
-    critic_ensemble,
-    flax_to_torch,
-    load,
-    load_params,
-    one_trainer_step,
-    onestep_policy,
-    param_maps,
-    random_batch,
-    recorded_agent_of,
-    recorded_batch,
-    recorded_draw,
-    recorded_draws,
-    velocity_field,
-)
+import golden
+from golden import assert_params_and_adam_match, assert_reference_adam, capture_calls, close
 from helpers import one_torch_thread  # noqa: F401  (autouse)
 from trqam_lit.agents import FQL
 from trqam_lit.math.critic import actor_q_loss, critic_loss, ensemble_pessimistic_value, td_target
 from trqam_lit.math.flow import bc_flow_loss, distillation_loss, euler_ode, onestep_actions, sample_actions
-from trqam_lit.math.targets import polyak_update
 
-NETS, ONLINE = AGENT_NETS["fql"], AGENT_ONLINE["fql"]
+NETS, ONLINE = golden.AGENT_NETS["fql"], golden.AGENT_ONLINE["fql"]
 TARGETS = tuple(name for name in NETS if name not in ONLINE)
 
 
@@ -52,20 +28,19 @@ class Update:
     """The recorded FQL update with the project's pure functions, keeping every intermediate."""
 
     def __init__(self) -> None:
-        self.arrays, self.meta = a, meta = load("fql")
-        self.cfg = cfg = meta["config"]
-        check_reference_config("fql", cfg)
-        self.nets = n = SimpleNamespace(
-            v_bc=velocity_field(a, meta),
-            mu=onestep_policy(a, meta),
-            critic=critic_ensemble(a, meta),
-            target_critic=critic_ensemble(a, meta),
+        self.arrays, self.meta, self.cfg = a, meta, cfg = golden.load_checked("fql")
+        self.nets, self.maps = golden.recorded_networks(
+            "fql",
+            a,
+            v_bc=golden.velocity_field(a, meta),
+            mu=golden.onestep_policy(a, meta),
+            critic=golden.critic_ensemble(a, meta),
+            target_critic=golden.critic_ensemble(a, meta),
         )
-        self.maps = param_maps(n, NETS)
-        load_params(self.maps, a)
+        n = self.nets
         self.K, self.H, self.alpha = cfg["flow_steps"], cfg["horizon_length"], cfg["alpha"]
-        draws = recorded_draws(a, cfg)
-        batch = recorded_batch(a)
+        draws = golden.recorded_draws(a, cfg)
+        batch = golden.recorded_batch(a)
         self.s, self.next_s = batch["observations"], batch["next_observations"]
         self.bc_calls, self.critic_calls = capture_calls(n.v_bc), capture_calls(n.critic)
 
@@ -86,25 +61,7 @@ class Update:
 
     def step(self) -> None:
         """Backward, NO clip (plain optax.adam), polyak of the critic with the pre-step weights, Adam."""
-        n, a, cfg = self.nets, self.arrays, self.cfg
-        online = {name: getattr(n, NETS[name]) for name in ONLINE}
-        params = [p for net in online.values() for p in net.parameters()]
-        self.total.backward()
-        self.grads = {name: {leaf: p.grad.clone() for leaf, (p, _) in self.maps[name].items()} for name in online}
-        self.target_grads = [p.grad for p in n.target_critic.parameters()]
-        self.grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        polyak_update(n.target_critic, n.critic, cfg["tau"])
-        self.opt = opt = torch.optim.Adam(params, lr=cfg["lr"], **OPTAX_ADAM)
-        count = float(self.meta["state_set_by_harness"]["adam_count"])
-        assert count == float(a["adam_count_before"])
-        for name in ONLINE:
-            for leaf, (p, tr) in self.maps[name].items():
-                opt.state[p] = {
-                    "step": torch.tensor(count),
-                    "exp_avg": flax_to_torch(a[f"adam_mu_before/{leaf}"], tr),
-                    "exp_avg_sq": flax_to_torch(a[f"adam_nu_before/{leaf}"], tr),
-                }
-        opt.step()
+        golden.step_by_hand(self, "fql", polyak=(("target_critic", "critic"),))
 
 
 @pytest.fixture(scope="module")
@@ -164,6 +121,7 @@ def test_q_loss_matches(update):
     close(update.total, a["loss/total"], "total loss")
 
 
+# Duplicate kept (= test_ifql.py's, the same unclipped update); golden assertions stay written out per agent
 def test_gradients_match_and_the_norm_is_not_clipped(update):
     a = update.arrays
     close(update.grad_norm, a["grad_global_norm"], "global grad norm")
@@ -184,7 +142,7 @@ def test_parameter_and_adam_changes_match(update):
 
 def recorded_fql():
     keep = {"bc_loss": "bc_out", "critic_loss": ("critic_out", 0), "actor_losses": "actor_out"}
-    return recorded_agent_of(FQL, "fql", lambda a, cfg: recorded_draw(recorded_draws(a, cfg)), keep)
+    return golden.recorded_agent_of(FQL, "fql", keep)
 
 
 def test_one_trainer_step_reproduces_the_recorded_update():
@@ -192,7 +150,7 @@ def test_one_trainer_step_reproduces_the_recorded_update():
     cfg = meta["config"]
     count = meta["state_set_by_harness"]["adam_count"]
     target_calls, mu_calls = capture_calls(model.target_critic), capture_calls(model.mu)
-    trainer = one_trainer_step(model, maps, batch, a, ONLINE, count)
+    trainer = golden.one_trainer_step(model, maps, batch, a, ONLINE, count)
 
     # every recorded draw asked for once, in the reference's order
     assert model.draw_calls == ["critic/next_noise", "bc/x0", "bc/t", "actor/noise"], model.draw_calls
@@ -207,6 +165,7 @@ def test_one_trainer_step_reproduces_the_recorded_update():
     close(model.actor_out.distill, a["distill/distill_loss"], "distillation loss")
     close(model.actor_out.q, a["qloss/q_loss"], "Q loss")
     total = model.critic_out + model.bc_out + cfg["alpha"] * model.actor_out.distill + model.actor_out.q
+    # Duplicate kept (~ test_dsrl.py's, the Trainer-step checks end alike); golden assertions stay written out per agent
     close(total, a["loss/total"], "total loss")
 
     # the reference's optax.adam(lr) over exactly the three online networks
@@ -231,7 +190,7 @@ def small_fql(**kwargs) -> FQL:
 def test_gradient_isolation_of_each_loss():
     """torchrl-style, through the agent's own methods: L_Q reaches only the critic, L_BC only v_bc, the distillation
     and the Q term only mu (the ODE target has no graph into v_bc; the Q term holds the critic fixed)."""
-    model, batch = small_fql(), random_batch()
+    model, batch = small_fql(), golden.random_batch()
     modules = {"v_bc": model.v_bc, "mu": model.mu, "critic": model.critic, "target_critic": model.target_critic}
     assert {n for n, m in model.named_children() if any(True for _ in m.parameters())} == set(modules)
 
@@ -254,7 +213,7 @@ def test_gradient_isolation_of_each_loss():
 
 
 def test_acting_and_the_td_target_use_the_one_step_policy():
-    model, batch = small_fql(), random_batch()
+    model, batch = small_fql(), golden.random_batch()
     s, z = batch["observations"], torch.randn(5, 6)
     expected = model.mu(s, z).clamp(-1, 1)
     torch.testing.assert_close(model.act(s, z), expected, rtol=0, atol=0)
@@ -284,7 +243,7 @@ def test_during_a_bc_warmup_the_bc_flow_acts():
 def test_distillation_compares_the_unclipped_mu_and_the_q_term_sees_it_clipped():
     """mu's outputs pushed beyond [-1, 1] (the record's stay inside, so it cannot tell): the distillation term
     compares the UNclipped mu(s, z) with the clipped ODE target; the Q term scores clip(mu(s, z))."""
-    model, batch = small_fql(), random_batch()
+    model, batch = small_fql(), golden.random_batch()
     s, z = batch["observations"], torch.randn(5, 6)
     model.draw = lambda name, *shape, uniform=False: z  # the one draw of actor_losses
     with torch.no_grad():

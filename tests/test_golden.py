@@ -14,14 +14,13 @@ import torch
 
 from golden import (
     GRAD_CLIP_NORM,
-    OPTAX_ADAM,
     GoldenNets,
     assert_change_close,
     check_reference_config,
     dual_hparams,
-    flax_to_torch,
     load,
     recorded_draws,
+    reference_adam_step,
     t,
     update_tolerance,
 )
@@ -102,7 +101,7 @@ class Update:
 
     def step(self) -> None:
         """Backward, one global clip, polyak with the pre-step weights, Adam from the recorded state, dual."""
-        n, a, cfg = self.nets, self.arrays, self.cfg
+        n, cfg = self.nets, self.cfg
         online = {"critic": n.critic, "actor_slow": n.v_bc, "actor_fast": n.v_ft}
         params = [p for net in online.values() for p in net.parameters()]
         self.total.backward()
@@ -110,17 +109,7 @@ class Update:
         self.grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm=GRAD_CLIP_NORM)
         polyak_update(n.target_critic, n.critic, cfg["tau"])
         polyak_update(n.v_base, n.v_bc, cfg["tau"])
-        self.opt = opt = torch.optim.Adam(params, lr=cfg["lr"], **OPTAX_ADAM)
-        count = float(self.meta["state_set_by_harness"]["adam_count"])
-        assert count == float(a["adam_count_before"])
-        for name in online:
-            for leaf, p, tr in n.leaves(name):
-                opt.state[p] = {
-                    "step": torch.tensor(count),
-                    "exp_avg": flax_to_torch(a[f"adam_mu_before/{leaf}"], tr),
-                    "exp_avg_sq": flax_to_torch(a[f"adam_nu_before/{leaf}"], tr),
-                }
-        opt.step()
+        self.opt = reference_adam_step(params, n.maps, online, self.arrays, self.meta)
         if self.agent == "trqam":
             self.dual.step(self.am.path_kl)
 

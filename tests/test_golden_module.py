@@ -11,74 +11,23 @@ from __future__ import annotations
 import pytest
 import torch
 
-from golden import (
-    NEUTRAL_HPARAMS,
-    actor_param_map,
-    agent_hparams,
-    assert_params_and_adam_match,
-    assert_reference_adam,
-    capture_calls,
-    close,
-    critic_param_map,
-    flax_to_torch,
-    load,
-    one_trainer_step,
-    recorded_batch,
-    recorded_draw,
-    recorded_draws,
-)
+import golden
+from golden import assert_params_and_adam_match, assert_reference_adam, capture_calls, close, load, recorded_draws
 from trqam_lit.agents import QAM, TRQAM, adjoint_matching
 from trqam_lit.math.adjoint import adjoint_matching_terms
 
-NETS = {"actor_fast": "v_ft", "actor_slow": "v_bc", "target_actor_slow": "v_base", "critic": "critic",
-        "target_critic": "target_critic"}  # fmt: skip
 ONLINE = ("critic", "actor_slow", "actor_fast")
 
 
 def recorded_agent(agent: str, **overrides):
-    arrays, meta = load(agent)
-    cfg = meta["config"]
-    hparams = {**agent_hparams(agent, arrays, meta), **overrides}
-    draws = recorded_draws(arrays, cfg)
-    K = cfg["flow_steps"]
+    # keep what the step's loss terms returned, to compare them with the record
+    keep = {"bc_loss": "bc_out", "critic_loss": ("critic_out", 0), "actor_objective": "am_out"}
     cls = TRQAM if agent == "trqam" else QAM
-
-    class Recorded(cls):
-        draw = recorded_draw(draws, flow_steps=K)
-
-        # keep what the step's loss terms returned, to compare them with the record
-        def bc_loss(self, batch, *noise):
-            self.bc_out = super().bc_loss(batch, *noise)
-            return self.bc_out
-
-        def critic_loss(self, batch, *noise, **given):
-            out = super().critic_loss(batch, *noise, **given)
-            self.critic_out = out[0]
-            return out
-
-        def actor_objective(self, s, x0, eps, **given):
-            self.am_out = super().actor_objective(s, x0, eps, **given)
-            return self.am_out
-
-    model = Recorded(**hparams)
-    # Nothing left at a constructor default: every hyperparameter is the record's (or has no effect on one step).
-    assert set(model.hparams) - set(hparams) <= NEUTRAL_HPARAMS, sorted(set(model.hparams) - set(hparams))
-    assert {k: model.hparams[k] for k in hparams} == hparams
-    model.draw_calls = []
-    maps = {}
-    for flax_name, attr in NETS.items():
-        net = getattr(model, attr)
-        maps[flax_name] = (critic_param_map if "critic" in flax_name else actor_param_map)(net, flax_name)
-    with torch.no_grad():
-        for net_map in maps.values():
-            for leaf, (param, tr) in net_map.items():
-                value = flax_to_torch(arrays[f"params_before/{leaf}"], tr)
-                assert value.shape == param.shape, (leaf, value.shape, param.shape)
-                param.copy_(value)
-        if agent == "trqam":
-            assert model.dual.lam.item() == float(arrays["dual/lam_before"])  # lam_init, from the record
-            model.dual.kl_ema.fill_(float(arrays["dual/kl_ema_before"]))
-    return model, maps, recorded_batch(arrays), arrays, meta
+    model, maps, batch, arrays, meta = golden.recorded_agent_of(cls, agent, keep, **overrides)
+    if agent == "trqam":
+        assert model.dual.lam.item() == float(arrays["dual/lam_before"])  # lam_init, from the record
+        model.dual.kl_ema.fill_(float(arrays["dual/kl_ema_before"]))
+    return model, maps, batch, arrays, meta
 
 
 @pytest.mark.parametrize(
@@ -96,7 +45,7 @@ def test_one_trainer_step_reproduces_the_recorded_update(agent, compiled):
     if not compiled:
         bc_calls, critic_calls = capture_calls(model.v_bc), capture_calls(model.critic)
         target_calls = capture_calls(model.target_critic)
-    trainer = one_trainer_step(model, maps, batch, a, ONLINE, count)
+    trainer = golden.one_trainer_step(model, maps, batch, a, ONLINE, count)
 
     if compiled:  # the step ran through the compiled graph, not a silent eager fallback
         assert type(model) in adjoint_matching._COMPILED
@@ -151,7 +100,7 @@ def test_one_trainer_step_reproduces_the_recorded_update(agent, compiled):
 def one_step_losses(agent: str, precision: str, **fast) -> dict[str, float]:
     """The recorded step's BC, critic and AM losses and path KL through one Trainer step at ``precision``."""
     model, maps, batch, a, meta = recorded_agent(agent, **fast)
-    one_trainer_step(model, maps, batch, a, ONLINE, int(meta["state_set_by_harness"]["adam_count"]), precision)
+    golden.one_trainer_step(model, maps, batch, a, ONLINE, int(meta["state_set_by_harness"]["adam_count"]), precision)
     if fast:
         assert type(model) in adjoint_matching._COMPILED
     am = model.am_out

@@ -9,36 +9,11 @@ out within 1e-4 relative, and the update is compared as a change against the rec
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 
-from golden import (
-    AGENT_NETS,
-    AGENT_ONLINE,
-    GRAD_CLIP_NORM,
-    OPTAX_ADAM,
-    assert_params_and_adam_match,
-    assert_reference_adam,
-    capture_calls,
-    check_reference_config,
-    close,
-    critic_ensemble,
-    flax_to_torch,
-    load,
-    load_params,
-    one_trainer_step,
-    onestep_policy,
-    param_maps,
-    random_batch,
-    record_shapes,
-    recorded_agent_of,
-    recorded_batch,
-    recorded_draw,
-    recorded_draws,
-    velocity_field,
-)
+import golden
+from golden import GRAD_CLIP_NORM, assert_params_and_adam_match, assert_reference_adam, close, recorded_draws
 from helpers import one_torch_thread  # noqa: F401  (autouse)
 from trqam_lit.agents import QAME, QAMF
 from trqam_lit.agents.qam_e import edited_actions
@@ -47,7 +22,6 @@ from trqam_lit.math.critic import actor_q_loss, critic_loss, ensemble_pessimisti
 from trqam_lit.math.flow import bc_flow_loss, distillation_loss, onestep_actions, sample_actions
 from trqam_lit.math.nets import LogParam, TanhGaussianPolicy
 from trqam_lit.math.tanh_gaussian import tanh_gaussian_log_prob, tanh_gaussian_sample, temperature_loss
-from trqam_lit.math.targets import polyak_update
 
 VARIANTS = ("qam-f", "qam-e")
 AGENT_CLASS = {"qam-f": QAMF, "qam-e": QAME}
@@ -55,7 +29,7 @@ POLYAK = (("target_critic", "critic"), ("target_actor_slow", "actor_slow"))  # (
 
 
 def targets_of(variant: str) -> tuple[str, ...]:
-    return tuple(name for name in AGENT_NETS[variant] if name not in AGENT_ONLINE[variant])
+    return tuple(name for name in golden.AGENT_NETS[variant] if name not in golden.AGENT_ONLINE[variant])
 
 
 # ---------------------------------------------------------------- the pure functions, in the reference's order
@@ -66,24 +40,21 @@ class Update:
 
     def __init__(self, variant: str) -> None:
         self.variant = variant
-        self.arrays, self.meta = a, meta = load(variant)
-        self.cfg = cfg = meta["config"]
-        check_reference_config(variant, cfg)
-        shapes = record_shapes(a, meta)
-        n = SimpleNamespace(v_bc=velocity_field(a, meta), v_ft=velocity_field(a, meta), v_base=velocity_field(a, meta),
-                            critic=critic_ensemble(a, meta), target_critic=critic_ensemble(a, meta))  # fmt: skip
+        self.arrays, self.meta, self.cfg = a, meta, cfg = golden.load_checked(variant)
+        shapes = golden.record_shapes(a, meta)
+        nets = {name: golden.velocity_field(a, meta) for name in ("v_bc", "v_ft", "v_base")}
+        nets.update(critic=golden.critic_ensemble(a, meta), target_critic=golden.critic_ensemble(a, meta))
         if variant == "qam-f":
-            n.mu = onestep_policy(a, meta)
+            nets["mu"] = golden.onestep_policy(a, meta)
         else:
             A = shapes["action_dim"]
-            n.edit_policy = TanhGaussianPolicy(shapes["obs_dim"] + A, A, shapes["hidden_dims"])
-            n.edit_alpha = LogParam()
-        self.nets = n
-        self.maps = param_maps(n, AGENT_NETS[variant])
-        load_params(self.maps, a)
+            nets["edit_policy"] = TanhGaussianPolicy(shapes["obs_dim"] + A, A, shapes["hidden_dims"])
+            nets["edit_alpha"] = LogParam()
+        self.nets, self.maps = golden.recorded_networks(variant, a, **nets)
+        n = self.nets
         self.K, self.H = K, H = cfg["flow_steps"], cfg["horizon_length"]
         self.draws = d = recorded_draws(a, cfg)
-        batch = recorded_batch(a)
+        batch = golden.recorded_batch(a)
         s, s_next = self.s, self.next_s = batch["observations"], batch["next_observations"]
 
         # critic: a' from the variant's acting policy, the target ensemble's pessimistic value
@@ -133,26 +104,7 @@ class Update:
 
     def step(self) -> None:
         """Backward, the global clip to norm 1, polyak with the pre-step weights, Adam from the recorded state."""
-        n, a, cfg, online = self.nets, self.arrays, self.cfg, AGENT_ONLINE[self.variant]
-        nets = {flax: getattr(n, attr) for flax, attr in AGENT_NETS[self.variant].items()}
-        params = [p for name in online for p in nets[name].parameters()]
-        self.total.backward()
-        self.grads = {name: {leaf: p.grad.clone() for leaf, (p, _) in self.maps[name].items()} for name in online}
-        self.target_grads = [p.grad for name in targets_of(self.variant) for p in nets[name].parameters()]
-        self.grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm=GRAD_CLIP_NORM)
-        for target, source in POLYAK:
-            polyak_update(nets[target], nets[source], cfg["tau"])
-        self.opt = opt = torch.optim.Adam(params, lr=cfg["lr"], **OPTAX_ADAM)
-        count = float(self.meta["state_set_by_harness"]["adam_count"])
-        assert count == float(a["adam_count_before"])
-        for name in online:
-            for leaf, (p, tr) in self.maps[name].items():
-                opt.state[p] = {
-                    "step": torch.tensor(count),
-                    "exp_avg": flax_to_torch(a[f"adam_mu_before/{leaf}"], tr),
-                    "exp_avg_sq": flax_to_torch(a[f"adam_nu_before/{leaf}"], tr),
-                }
-        opt.step()
+        golden.step_by_hand(self, self.variant, POLYAK, clip=GRAD_CLIP_NORM)
 
 
 @pytest.fixture(scope="module", params=VARIANTS)
@@ -235,17 +187,16 @@ def test_parameter_and_adam_changes_match(update):
 def recorded_agent(variant: str):
     keep = {"bc_loss": "bc_out", "critic_loss": ("critic_out", 0), "actor_objective": "am_out",
             "policy_loss": "policy_out"}  # fmt: skip
-    make_draw = lambda a, cfg: recorded_draw(recorded_draws(a, cfg), flow_steps=cfg["flow_steps"])  # noqa: E731
-    return recorded_agent_of(AGENT_CLASS[variant], variant, make_draw, keep)
+    return golden.recorded_agent_of(AGENT_CLASS[variant], variant, keep)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_one_trainer_step_reproduces_the_recorded_update(variant):
     model, maps, batch, a, meta = recorded_agent(variant)
-    cfg, online = meta["config"], AGENT_ONLINE[variant]
+    cfg, online = meta["config"], golden.AGENT_ONLINE[variant]
     count = meta["state_set_by_harness"]["adam_count"]
-    target_calls = capture_calls(model.target_critic)
-    trainer = one_trainer_step(model, maps, batch, a, online, count)
+    target_calls = golden.capture_calls(model.target_critic)
+    trainer = golden.one_trainer_step(model, maps, batch, a, online, count)
 
     # every recorded draw asked for once
     assert sorted(model.draw_calls) == sorted(recorded_draws(a, cfg)), model.draw_calls
@@ -292,7 +243,7 @@ def test_gradient_isolation_of_each_loss(variant):
     """Through the agent's own methods: L_Q reaches only the critic, L_BC only v_bc, L_AM only v_ft; QAM-F's
     distillation and Q terms only mu (v_ft's ODE target without graph, the critic fixed); QAM-E's Q and entropy terms
     only the edit policy (a_flow without graph, the critic and alpha fixed), the temperature loss only alpha."""
-    model, batch = small(variant), random_batch()
+    model, batch = small(variant), golden.random_batch()
     own = {"qam-f": ("mu",), "qam-e": ("edit_policy", "edit_alpha")}[variant]
     names = ("v_bc", "v_ft", "v_base", "critic", "target_critic", *own)
     modules = {n: getattr(model, n) for n in names}
@@ -327,7 +278,7 @@ def test_gradient_isolation_of_each_loss(variant):
 
 
 def test_qam_f_acts_and_bootstraps_with_the_one_step_policy():
-    model, batch = small("qam-f"), random_batch()
+    model, batch = small("qam-f"), golden.random_batch()
     s, z = batch["observations"], torch.randn(5, 6)
     expected = model.mu(s, z).clamp(-1, 1)
     torch.testing.assert_close(model.act(s, z), expected, rtol=0, atol=0)
@@ -344,7 +295,7 @@ def test_qam_f_acts_and_bootstraps_with_the_one_step_policy():
 
 
 def test_qam_e_acts_and_bootstraps_with_the_edited_flow_action():
-    model, batch = small("qam-e", edit_scale=0.3), random_batch()
+    model, batch = small("qam-e", edit_scale=0.3), golden.random_batch()
     s, z = batch["observations"], torch.randn(5, 6)
     with torch.no_grad():
         model.edit_policy.mean.bias.fill_(1.0)  # an edit that shows
@@ -402,7 +353,7 @@ def test_tanh_gaussian_log_prob_is_the_change_of_variables_and_finite_where_atan
 def test_qam_e_loss_stays_finite_when_the_edit_saturates():
     """Edits deep in tanh's tail (tanh(x) rounds to +-1 in float32): the log-prob is taken at the sampled pre-tanh x,
     as tfp's cached value, so every term and gradient stays finite (atanh(tanh(x)) would give inf)."""
-    model, s = small("qam-e"), random_batch()["observations"]
+    model, s = small("qam-e"), golden.random_batch()["observations"]
     with torch.no_grad():
         model.edit_policy.mean.bias.fill_(12.0)
     loss, terms = model.policy_loss(s)
@@ -416,7 +367,7 @@ def test_qam_e_loss_stays_finite_when_the_edit_saturates():
 def test_the_compiled_step_equals_the_eager_step(variant):
     """``compile_step``: the same draws, losses and gradients as the eager step (QAM-E's TD target draws its edit
     eps; the compiled losses take it from ``draw_step_noise``, where the eager step used to draw it inside them)."""
-    batch = random_batch()
+    batch = golden.random_batch()
     results = []
     for compiled in (False, True):
         model = small(variant, compile_step=compiled)
