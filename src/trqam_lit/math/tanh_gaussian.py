@@ -27,8 +27,9 @@ def tanh_gaussian_log_prob(mean: Tensor, log_std: Tensor, x: Tensor) -> Tensor:
     atanh(tanh(x)) is not (inf once tanh(x) rounds to +-1 in float32), which is why the sample's x is passed.
     """
     tanh = TanhTransform(cache_size=1)
-    policy = TransformedDistribution(Independent(Normal(mean, log_std.exp()), 1), [tanh])
-    return policy.log_prob(tanh(x))
+    # No argument validation: its data-dependent checks (scale > 0, |y| <= 1) would stop torch.export and cost a sync.
+    normal = Independent(Normal(mean, log_std.exp(), validate_args=False), 1, validate_args=False)
+    return TransformedDistribution(normal, [tanh], validate_args=False).log_prob(tanh(x))
 
 
 def temperature_loss(alpha: Tensor, log_prob: Tensor, target_entropy: float) -> Tensor:
