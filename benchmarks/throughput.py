@@ -145,7 +145,7 @@ def measure_eval(env_name: str, num_envs: int, episodes: int, horizon: int, widt
     import torch
 
     from trqam_lit.data import OGBenchDataModule
-    from trqam_lit.data.loading import make_ogbench_env
+    from trqam_lit.data.ogbench_env import make_ogbench_env
     from trqam_lit.math.flow import sample_actions
     from trqam_lit.math.nets import VelocityField
     from trqam_lit.training.evaluation import RolloutEvaluator

@@ -27,7 +27,7 @@ import trqam_lit.training.evaluation as evaluation
 from helpers import CONFIGS
 from trqam_lit.agents import BC, TRQAM
 from trqam_lit.cli import build_cli
-from trqam_lit.data.loading import make_ogbench_env
+from trqam_lit.data.ogbench_env import make_ogbench_env
 from trqam_lit.data.toy import ToyBanditDataModule
 from trqam_lit.training.checkpoint import check_checkpoint_file
 from trqam_lit.training.evaluation import RolloutEvaluator

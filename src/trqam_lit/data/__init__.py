@@ -23,7 +23,7 @@ _EXPORTS = {
     "BATCH_KEYS": "trqam_lit.data.chunks",
     "load_table": "trqam_lit.data.loading",
     "check_dataset_file": "trqam_lit.data.loading",
-    "env_spaces": "trqam_lit.data.loading",
+    "env_spaces": "trqam_lit.data.ogbench_env",
     "DatasetNotFoundError": "trqam_lit.data.errors",
     "DatasetFormatError": "trqam_lit.data.errors",
     "UnsupportedDomainError": "trqam_lit.data.errors",
@@ -66,7 +66,8 @@ if TYPE_CHECKING:
     from trqam_lit.data.datamodule import ChunkStream, OGBenchDataModule, ShardCycler
     from trqam_lit.data.errors import DatasetFormatError, DatasetNotFoundError, UnsupportedDomainError
     from trqam_lit.data.generate import GenerationConfig, generate_dataset
-    from trqam_lit.data.loading import check_dataset_file, env_spaces, load_table
+    from trqam_lit.data.loading import check_dataset_file, load_table
+    from trqam_lit.data.ogbench_env import env_spaces
     from trqam_lit.data.online_data import OnlineDataModule
     from trqam_lit.data.paths import dataset_name_for, expected_files, fixture_dir, fixture_path, resolve_dataset_dir
     from trqam_lit.data.replay import ReplayBuffer

@@ -16,12 +16,11 @@ from trqam_lit.data.errors import DatasetNotFoundError
 from trqam_lit.data.loading import (
     check_dataset_file,
     decompress_npz,
-    env_spaces,
     load_table,
-    make_ogbench_env,
     process_dataset,
     read_dataset,
 )
+from trqam_lit.data.ogbench_env import env_spaces, make_ogbench_env
 from trqam_lit.data.online_data import OnlineDataModule
 from trqam_lit.data.paths import dataset_name_for, expected_files, missing_dataset_message, resolve_dataset_dir
 from trqam_lit.data.replay import (

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from trqam_lit.data.errors import UnsupportedDomainError
-from trqam_lit.data.loading import quiet_box_warning
+from trqam_lit.data.ogbench_env import quiet_box_warning
 from trqam_lit.data.paths import DATASET_DIR_ENV, DEFAULT_DATASET_DIR, resolve_dataset_dir
 from trqam_lit.training.atomic import atomic_write
 

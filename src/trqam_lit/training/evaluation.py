@@ -144,7 +144,7 @@ class _EnvWorkers:
 class RolloutEvaluator:
     """Runs ``num_episodes`` episodes of the environment ``make_env`` builds, ``num_envs`` at a time, returns
     per-episode values. Any domain's environment: ``make_env`` is the domain's factory (OGBench's is
-    ``functools.partial(data.loading.make_ogbench_env, name)``); episode e is reset with seed ``seed + e``.
+    ``functools.partial(data.ogbench_env.make_ogbench_env, name)``); episode e is reset with seed ``seed + e``.
 
     ``workers`` > 0 steps the environments in that many worker processes (each runs its environments' action chunks
     and sends back the observations), so evaluation uses several cores; 0 steps them in this process. Both run the
