@@ -2,9 +2,9 @@
 machine whose speed drifts: two worker processes, one per checkout (``PYTHONPATH=<checkout>/src``), take turns running
 ``--steps`` steps (the order alternates), and the result is the median of the paired ratios B/A.
 
-    git worktree add /tmp/before <commit>
-    python benchmarks/ab_step.py --a /tmp/before --b . --setting cpu-small-b64 --agent trqam --steps 20 --pairs 30
-    python benchmarks/ab_step.py --a /tmp/before --b . --setting paper --agent trqam --steps 3 --pairs 16
+    before=$(mktemp -d) && git worktree add "$before" <commit>
+    python benchmarks/ab_step.py --a "$before" --b . --setting cpu-small-b64 --agent trqam --steps 20 --pairs 30
+    python benchmarks/ab_step.py --a "$before" --b . --setting paper --agent trqam --steps 3 --pairs 16
 
 A step is the agent's ``fine_tune_loss`` on a fixed random batch of the setting's shapes, its backward and an Adam step
 (no Trainer: the step's compute, not Lightning's per-step overhead, which ``benchmarks/throughput.py`` includes).
@@ -21,11 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-SETTINGS = {
-    "paper": (256, 37, 25, 5, 512, 10),
-    "cpu-small-b256": (256, 37, 25, 5, 256, 2),
-    "cpu-small-b64": (64, 37, 25, 5, 256, 2),
-}  # fmt: skip  (batch, obs, A, H, width, critics), as throughput.py
+from throughput import SETTINGS, synthetic_batch  # the benchmarks' shared shapes and batches
 
 
 def worker(setting: str, agent: str) -> None:
@@ -34,7 +30,7 @@ def worker(setting: str, agent: str) -> None:
 
     from trqam_lit.agents import AGENTS, AdjointMatchingAgent
 
-    B, obs, A, H, width, critics = SETTINGS[setting]
+    _, obs, A, H, width, critics, _ = SETTINGS[setting]
     torch.manual_seed(0)
     kwargs = dict(obs_dim=obs, action_dim=A, horizon=H, actor_hidden_dims=[width] * 4, critic_hidden_dims=[width] * 4,
                   num_critics=critics)  # fmt: skip
@@ -42,10 +38,7 @@ def worker(setting: str, agent: str) -> None:
     if issubclass(cls, AdjointMatchingAgent):
         kwargs["sde_solver"] = "fused"  # at batch 64 the fused loop is the faster one (docs/performance.md)
     model = cls(**kwargs)
-    gen = torch.Generator().manual_seed(1)
-    batch = {"observations": torch.randn(B, obs, generator=gen), "actions": torch.rand(B, A, generator=gen) * 2 - 1,
-             "rewards": -torch.rand(B, generator=gen), "masks": torch.ones(B), "valid": torch.ones(B),
-             "next_observations": torch.randn(B, obs, generator=gen)}  # fmt: skip
+    batch = synthetic_batch(setting, torch.Generator().manual_seed(1))
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-4)
 
     def step() -> None:

@@ -35,6 +35,21 @@ SETTINGS = {
 }
 
 
+def synthetic_batch(setting: str, gen):
+    """A random batch of ``setting``'s shapes (observations, chunk actions in [-1, 1], rewards, masks, validity)."""
+    import torch
+
+    batch, obs, act = SETTINGS[setting][:3]
+    return {
+        "observations": torch.randn(batch, obs, generator=gen),
+        "actions": torch.rand(batch, act, generator=gen) * 2 - 1,
+        "rewards": -torch.rand(batch, generator=gen),
+        "masks": torch.ones(batch),
+        "valid": torch.ones(batch),
+        "next_observations": torch.randn(batch, obs, generator=gen),
+    }
+
+
 def registry() -> tuple[dict, set[str]]:
     """(trqam_lit.agents.AGENTS, the names of the agents that have an SDE solver to choose); imported when asked,
     so a measurement's import of torch and Lightning counts towards its first step."""
@@ -66,17 +81,7 @@ def measure(
     class Synthetic(IterableDataset):
         def __iter__(self):
             gen = torch.Generator().manual_seed(0)
-            pool = [
-                {
-                    "observations": torch.randn(batch, obs, generator=gen),
-                    "actions": torch.rand(batch, act, generator=gen) * 2 - 1,
-                    "rewards": -torch.rand(batch, generator=gen),
-                    "masks": torch.ones(batch),
-                    "valid": torch.ones(batch),
-                    "next_observations": torch.randn(batch, obs, generator=gen),
-                }
-                for _ in range(8)
-            ]
+            pool = [synthetic_batch(setting, gen) for _ in range(8)]
             i = 0
             while True:
                 yield pool[i % 8]
