@@ -1,6 +1,7 @@
 """The domains layer: data and environments. OGBench (DataModule, dataset files, the environment factory, local
-dataset generator, shipped fixtures), the toy bandit, and what every domain shares (chunk sampler, replay buffer, the
-online-phase base class ``OnlineDataModule``). Imports the math and training layers only.
+dataset generator, shipped fixtures), Robomimic (hdf5 files, the robosuite environment, scripted demonstrators), the
+toy bandit, and what every domain shares (chunk sampler, replay buffer, the base classes ``ChunkDataModule`` and
+``OnlineDataModule``). Imports the math and training layers only.
 
 Names are imported lazily so the generator's worker processes and ``trqam-lit-data`` start without
 importing Lightning.
@@ -13,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
     "OGBenchDataModule": "trqam_lit.data.datamodule",
+    "ChunkDataModule": "trqam_lit.data.datamodule",
+    "RobomimicDataModule": "trqam_lit.data.robomimic",
     "ChunkStream": "trqam_lit.data.datamodule",
     "ShardCycler": "trqam_lit.data.datamodule",
     "ReplayBuffer": "trqam_lit.data.replay",
@@ -38,6 +41,7 @@ _EXPORTS = {
 
 __all__ = [
     "BATCH_KEYS",
+    "ChunkDataModule",
     "ChunkStream",
     "ChunkTable",
     "DatasetFormatError",
@@ -46,6 +50,7 @@ __all__ = [
     "OGBenchDataModule",
     "OnlineDataModule",
     "ReplayBuffer",
+    "RobomimicDataModule",
     "ShardCycler",
     "ToyBanditDataModule",
     "UnsupportedDomainError",
@@ -63,7 +68,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from trqam_lit.data.chunks import BATCH_KEYS, ChunkTable, sample_chunks
-    from trqam_lit.data.datamodule import ChunkStream, OGBenchDataModule, ShardCycler
+    from trqam_lit.data.datamodule import ChunkDataModule, ChunkStream, OGBenchDataModule, ShardCycler
     from trqam_lit.data.errors import DatasetFormatError, DatasetNotFoundError, UnsupportedDomainError
     from trqam_lit.data.generate import GenerationConfig, generate_dataset
     from trqam_lit.data.loading import check_dataset_file, load_table
@@ -71,6 +76,7 @@ if TYPE_CHECKING:
     from trqam_lit.data.online_data import OnlineDataModule
     from trqam_lit.data.paths import dataset_name_for, expected_files, fixture_dir, fixture_path, resolve_dataset_dir
     from trqam_lit.data.replay import ReplayBuffer
+    from trqam_lit.data.robomimic import RobomimicDataModule
     from trqam_lit.data.toy import ToyBanditDataModule
 
 

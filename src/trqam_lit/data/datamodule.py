@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -144,12 +144,177 @@ class ChunkStream(IterableDataset):
             step += workers
 
 
-class OGBenchDataModule(OnlineDataModule):
+class ChunkDataModule(OnlineDataModule):
+    """What every dataset-backed domain shares: the seeded batch stream, the evaluator over the domain's environment
+    factory, and the online phase over a replay buffer.
+
+    A domain supplies :meth:`_load_source` (its processed data: a :class:`ChunkTable`, or a :class:`ShardCycler`),
+    :meth:`env_factory` (a picklable callable returning a fresh environment) and, if its online rewards need the
+    offline data's transformation, :meth:`_replay_buffer_options`. Batches are dicts of float32 tensors:
+    ``observations`` (B, obs_dim), ``actions`` (B, chunk_dim) flattened row-major, ``rewards`` (B,) discounted
+    H-step return, ``masks`` (B,), ``valid`` (B,), ``next_observations`` (B, obs_dim).
+    """
+
+    obs_dim: int
+    action_dim: int
+
+    def __init__(
+        self,
+        *,
+        horizon: int,
+        discount: float,
+        batch_size: int,
+        seed: int,
+        num_workers: int,
+        pin_memory: bool,
+        eval_episodes: int,
+        eval_envs: int,
+        eval_workers: int,
+        shard_steps: int = 1000,
+    ) -> None:
+        super().__init__()
+        if horizon < 1 or batch_size < 1 or shard_steps < 1:
+            raise ValueError(
+                f"horizon, batch_size, shard_steps must be >= 1, got {horizon}, {batch_size}, {shard_steps}"
+            )
+        if not 0.0 < discount <= 1.0:
+            raise ValueError(f"discount must be in (0, 1], got {discount}")
+        if eval_workers < 0:
+            raise ValueError(f"eval_workers must be >= 0 (0: environments in the training process), got {eval_workers}")
+        self.horizon, self.discount, self.batch_size, self.seed = horizon, discount, batch_size, seed
+        self.shard_steps = shard_steps
+        self.num_workers, self.pin_memory = num_workers, pin_memory
+        self.eval_episodes, self.eval_envs, self.eval_workers = eval_episodes, eval_envs, eval_workers
+        self.table: ChunkTable | None = None
+        self._ref = _SourceRef()
+        self._evaluator: Any = None
+
+    @property
+    def chunk_dim(self) -> int:
+        """H * action_dim: the flattened action chunk the policy outputs."""
+        return self.horizon * self.action_dim
+
+    # ---- what a domain supplies --------------------------------------------------------------------------------
+    def _load_source(self) -> ChunkTable | ShardCycler:
+        """The processed data batches are drawn from (called once, in ``setup('fit')``)."""
+        raise NotImplementedError
+
+    def env_factory(self) -> Callable[[], Any]:
+        """A picklable callable returning a fresh environment of this domain (evaluation workers receive it)."""
+        raise NotImplementedError
+
+    def _replay_buffer_options(self) -> dict[str, Any]:
+        """Keyword arguments of :class:`ReplayBuffer` that make online rewards match the offline ones."""
+        return {}
+
+    # ---- written once ------------------------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        """Load the data for fitting; other stages need no dataset."""
+        if stage not in (None, "fit") or self._ref.source is not None:
+            return
+        source = self._load_source()
+        self.table = source if isinstance(source, ChunkTable) else None
+        self._ref.source = source
+
+    def _rank_and_step(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0, 0
+        return int(trainer.global_rank), int(trainer.global_step)
+
+    def train_dataloader(self) -> DataLoader:
+        """Infinite, seeded, per-rank-distinct stream of ready-made batches (``batch_size=None``)."""
+        rank, step = self._rank_and_step()
+        stream = ChunkStream(
+            self._ref,
+            batch_size=self.batch_size,
+            horizon=self.horizon,
+            discount=self.discount,
+            seed=self.seed,
+            rank=rank,
+            start_step=step,
+            shard_steps=self.shard_steps,
+        )
+        return DataLoader(stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory)
+
+    def val_dataloader(self) -> DataLoader:
+        """One item per rank: an evaluation is a batch of environment rollouts, not a pass over a dataset."""
+        from trqam_lit.training.evaluation import evaluation_dataloader
+
+        return evaluation_dataloader()
+
+    def test_dataloader(self) -> DataLoader:
+        """`trqam-lit test` runs the same evaluation as `validate`."""
+        return self.val_dataloader()
+
+    def make_evaluator(self) -> Any:
+        """Batched rollouts on fresh environments from :meth:`env_factory` (never the one used for relabelling).
+
+        Built once and reused, so its environments are created only at the first evaluation.
+        """
+        from trqam_lit.training.evaluation import RolloutEvaluator
+
+        if self._evaluator is None:
+            self._evaluator = RolloutEvaluator(
+                self.env_factory(),
+                horizon=self.horizon,
+                action_dim=self.action_dim,
+                num_episodes=self.eval_episodes,
+                num_envs=self.eval_envs,
+                seed=self.seed,
+                workers=self.eval_workers,
+            )
+        return self._evaluator
+
+    def teardown(self, stage: str) -> None:
+        if self._evaluator is not None:  # stop its worker processes, if any
+            self._evaluator.close()
+            self._evaluator = None
+
+    # ---- online phase (training.online.OnlinePhase) -------------------------------------------------------------
+    def make_online_env(self) -> Any:
+        """A fresh environment for online interaction (never the relabelling or evaluation one)."""
+        return self.env_factory()()
+
+    def defer_sampling_from(self, step: int) -> None:
+        """Batches of global steps >= ``step`` are drawn in :meth:`on_before_batch_transfer`, i.e. after the
+        environment steps that precede their gradient step (Lightning fetches one batch ahead)."""
+        self._ref.defer_from = int(step)
+
+    def _draw_deferred(self, step: int) -> dict[str, Any]:
+        rank, _ = self._rank_and_step()
+        source = self.replay_buffer if self.replay_buffer is not None else self._ref.source
+        if isinstance(source, ShardCycler):
+            source = source.get(rank + step // self.shard_steps)
+        rng = batch_rng(self.seed, rank, step)
+        return draw_batch(source, rng, self.batch_size, self.horizon, self.discount)
+
+    def _new_replay_buffer(self, capacity_extra: int) -> ReplayBuffer:
+        """A replay buffer over the offline data that the batch stream samples from now on.
+
+        With a shard directory the buffer holds one shard: the one this rank samples at the start of the online
+        phase (``defer_sampling_from``; else the current step), as the reference does.
+        """
+        if self.num_workers > 0:
+            raise ValueError("the replay buffer lives in the training process: use num_workers=0 for the online phase")
+        self.setup("fit")
+        source = self._ref.source
+        if isinstance(source, ShardCycler):
+            # As the reference: the buffer starts from the shard in use when the offline phase ends (so a resumed
+            # run rebuilds it from the same shard).
+            rank, step = self._rank_and_step()
+            start = step if self._ref.defer_from is None else self._ref.defer_from
+            source = source.get(rank + start // self.shard_steps)
+        buffer = ReplayBuffer(source, capacity_extra=capacity_extra, **self._replay_buffer_options())
+        self.table = None  # the buffer holds its own copy; drop ours
+        self._ref.source = buffer
+        return buffer
+
+
+class OGBenchDataModule(ChunkDataModule):
     """OGBench single-task data as an infinite stream of action-chunk batches (data.md sections 2 and 4).
 
-    Batches are dicts of float32 tensors: ``observations`` (B, obs_dim), ``actions`` (B, chunk_dim) flattened
-    row-major, ``rewards`` (B,) discounted H-step return, ``masks`` (B,), ``valid`` (B,), ``next_observations``
-    (B, obs_dim). ``obs_dim``, ``action_dim`` and ``chunk_dim`` are known right after ``__init__``.
+    ``obs_dim``, ``action_dim`` and ``chunk_dim`` are known right after ``__init__``.
     """
 
     def __init__(
@@ -197,30 +362,25 @@ class OGBenchDataModule(OnlineDataModule):
                 cores, e.g. 8 of 16 beside a GPU training; at most eval_envs. With all episodes in one wave
                 (eval_envs = eval_episodes) it reaches 0.81-0.85 of the physics limit on 2 cores (docs/performance.md).
         """
-        super().__init__()
-        if horizon < 1 or batch_size < 1 or shard_steps < 1:
-            raise ValueError(
-                f"horizon, batch_size, shard_steps must be >= 1, got {horizon}, {batch_size}, {shard_steps}"
-            )
-        if not 0.0 < discount <= 1.0:
-            raise ValueError(f"discount must be in (0, 1], got {discount}")
-        if eval_workers < 0:
-            raise ValueError(f"eval_workers must be >= 0 (0: environments in the training process), got {eval_workers}")
+        super().__init__(
+            horizon=horizon,
+            discount=discount,
+            batch_size=batch_size,
+            seed=seed,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            eval_episodes=eval_episodes,
+            eval_envs=eval_envs,
+            eval_workers=eval_workers,
+            shard_steps=shard_steps,
+        )
         self.save_hyperparameters()
         self.env_name = env_name
         self.dataset_name = dataset_name_for(env_name)
         self.dataset_dir = dataset_dir
         self.dataset_path = dataset_path
-        self.horizon, self.discount, self.batch_size = horizon, discount, batch_size
-        self.sparse, self.compact, self.seed = sparse, compact, seed
-        self.shard_steps, self.shard_prefetch = shard_steps, shard_prefetch
-        self.num_workers, self.pin_memory = num_workers, pin_memory
-        self.eval_episodes, self.eval_envs, self.eval_workers = eval_episodes, eval_envs, eval_workers
+        self.sparse, self.compact, self.shard_prefetch = sparse, compact, shard_prefetch
         self.obs_dim, self.action_dim = env_spaces(env_name)
-        self.chunk_dim = horizon * self.action_dim
-        self.table: ChunkTable | None = None
-        self._ref = _SourceRef()
-        self._evaluator: Any = None
 
     def dataset_files(self) -> list[Path]:
         """The file(s) this DataModule reads, checked to exist; shards come sorted.
@@ -243,113 +403,21 @@ class OGBenchDataModule(OnlineDataModule):
             raise DatasetNotFoundError(missing_dataset_message(self.env_name, train, val, flag))
         return [train]
 
-    def setup(self, stage: str | None = None) -> None:
-        """Load (and relabel) the data for fitting; other stages need no dataset."""
-        if stage not in (None, "fit") or self._ref.source is not None:
-            return
+    def _load_source(self) -> ChunkTable | ShardCycler:
         files = self.dataset_files()
         if self.uses_shards:
             check_dataset_file(files[0], self.env_name)  # fail now, not at the first batch, on a wrong directory
-            self._ref.source = ShardCycler(files, self.env_name, self.compact, self.sparse, self.shard_prefetch)
-        else:
-            self.table = load_table(files[0], self.env_name, compact=self.compact, sparse=self.sparse)
-            self._ref.source = self.table
+            return ShardCycler(files, self.env_name, self.compact, self.sparse, self.shard_prefetch)
+        return load_table(files[0], self.env_name, compact=self.compact, sparse=self.sparse)
 
     @property
     def uses_shards(self) -> bool:
         """Whether ``dataset_path`` is a directory of shards."""
         return self.dataset_path is not None and Path(self.dataset_path).expanduser().is_dir()
 
-    def _rank_and_step(self) -> tuple[int, int]:
-        trainer = getattr(self, "trainer", None)
-        if trainer is None:
-            return 0, 0
-        return int(trainer.global_rank), int(trainer.global_step)
+    def env_factory(self) -> Callable[[], Any]:
+        """The single-task environment (separate instances from the one ogbench's relabelling used)."""
+        return functools.partial(make_ogbench_env, self.env_name)
 
-    def train_dataloader(self) -> DataLoader:
-        """Infinite, seeded, per-rank-distinct stream of ready-made batches (``batch_size=None``)."""
-        rank, step = self._rank_and_step()
-        stream = ChunkStream(
-            self._ref,
-            batch_size=self.batch_size,
-            horizon=self.horizon,
-            discount=self.discount,
-            seed=self.seed,
-            rank=rank,
-            start_step=step,
-            shard_steps=self.shard_steps,
-        )
-        return DataLoader(stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory)
-
-    def val_dataloader(self) -> DataLoader:
-        """One item per rank: an evaluation is a batch of environment rollouts, not a pass over a dataset."""
-        from trqam_lit.training.evaluation import evaluation_dataloader
-
-        return evaluation_dataloader()
-
-    def test_dataloader(self) -> DataLoader:
-        """`trqam-lit test` runs the same evaluation as `validate`."""
-        return self.val_dataloader()
-
-    def make_evaluator(self) -> Any:
-        """Batched rollouts on separate instances of the single-task environment (never the relabelling one).
-
-        Built once and reused, so its environments are created only at the first evaluation.
-        """
-        from trqam_lit.training.evaluation import RolloutEvaluator
-
-        if self._evaluator is None:
-            self._evaluator = RolloutEvaluator(
-                functools.partial(make_ogbench_env, self.env_name),
-                horizon=self.horizon,
-                action_dim=self.action_dim,
-                num_episodes=self.eval_episodes,
-                num_envs=self.eval_envs,
-                seed=self.seed,
-                workers=self.eval_workers,
-            )
-        return self._evaluator
-
-    def teardown(self, stage: str) -> None:
-        if self._evaluator is not None:  # stop its worker processes, if any
-            self._evaluator.close()
-            self._evaluator = None
-
-    # ---- online phase (training.online.OnlinePhase) -------------------------------------------------------------
-    def make_online_env(self) -> Any:
-        """A fresh single-task environment for online interaction (never the relabelling or evaluation one)."""
-        return make_ogbench_env(self.env_name)
-
-    def defer_sampling_from(self, step: int) -> None:
-        """Batches of global steps >= ``step`` are drawn in :meth:`on_before_batch_transfer`, i.e. after the
-        environment steps that precede their gradient step (Lightning fetches one batch ahead)."""
-        self._ref.defer_from = int(step)
-
-    def _draw_deferred(self, step: int) -> dict[str, Any]:
-        rank, _ = self._rank_and_step()
-        source = self.replay_buffer if self.replay_buffer is not None else self._ref.source
-        if isinstance(source, ShardCycler):
-            source = source.get(rank + step // self.shard_steps)
-        rng = batch_rng(self.seed, rank, step)
-        return draw_batch(source, rng, self.batch_size, self.horizon, self.discount)
-
-    def _new_replay_buffer(self, capacity_extra: int) -> ReplayBuffer:
-        """A replay buffer over the offline data that the batch stream samples from now on.
-
-        With a shard directory the buffer holds one shard: the one this rank samples at the start of the online
-        phase (``defer_sampling_from``; else the current step), as the reference does.
-        """
-        if self.num_workers > 0:
-            raise ValueError("the replay buffer lives in the training process: use num_workers=0 for the online phase")
-        self.setup("fit")
-        source = self._ref.source
-        if isinstance(source, ShardCycler):
-            # As the reference: the buffer starts from the shard in use when the offline phase ends (so a resumed
-            # run rebuilds it from the same shard).
-            rank, step = self._rank_and_step()
-            start = step if self._ref.defer_from is None else self._ref.defer_from
-            source = source.get(rank + start // self.shard_steps)
-        buffer = ReplayBuffer(source, capacity_extra=capacity_extra, sparse=self.sparse)
-        self.table = None  # the buffer holds its own copy; drop ours
-        self._ref.source = buffer
-        return buffer
+    def _replay_buffer_options(self) -> dict[str, Any]:
+        return {"sparse": self.sparse}

@@ -418,21 +418,35 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Generate real OGBench manipulation data (cube-single/double/triple/quadruple, scene, puzzle-3x3/4x4; "
             "play or noisy) with OGBench's own oracles, in the official file format. Locomotion domains need the "
-            "official files."
+            "official files. Robomimic (lift-mh-low_dim, can-mh-low_dim, square-mh-low_dim): scripted "
+            "demonstrations of three operator styles in robomimic's hdf5 layout."
         ),
     )
     g.add_argument("--env", required=True, help="dataset name (cube-double-play-v0), env id, or single-task name")
     g.add_argument("--dataset-type", choices=DATASET_TYPES, default=None, help="play or noisy (default: from --env)")
-    g.add_argument("--num-episodes", type=int, default=1000, help="training episodes (val gets num // 10, >= 1)")
+    g.add_argument(
+        "--num-episodes",
+        type=int,
+        default=None,
+        help="OGBench: training episodes, default 1000 (val gets num // 10, >= 1); Robomimic: demos, default 300",
+    )
     g.add_argument("--max-episode-steps", type=int, default=1001, help="rows per episode (official: 1001)")
     g.add_argument("--workers", type=int, default=1, help="worker processes (output does not depend on it)")
     g.add_argument("--seed", type=int, default=0, help="base seed")
     g.add_argument(
         "--dataset-dir",
         default=None,
-        help=f"output directory (default: ${DATASET_DIR_ENV} or {DEFAULT_DATASET_DIR}, where the DataModule looks)",
+        help=(
+            f"output directory (default: ${DATASET_DIR_ENV} or {DEFAULT_DATASET_DIR}, where the DataModule looks; "
+            "Robomimic: $TRQAM_ROBOMIMIC_DIR or ~/.robomimic)"
+        ),
     )
     g.add_argument("--p-random-action", type=float, default=None, help="override the noisy-data random-action rate")
+    g.add_argument(
+        "--without-model-file",
+        action="store_true",
+        help="Robomimic: do not store each demo's MJCF XML (about 50 KB each; replay from states needs none)",
+    )
     g.add_argument("--overwrite", action="store_true", help="replace existing files")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
@@ -442,22 +456,39 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``trqam-lit-data``."""
     args = build_parser().parse_args(argv)
     try:
+        from trqam_lit.data.robomimic import is_robomimic_name
+
+        if is_robomimic_name(args.env):
+            from trqam_lit.data.robomimic_generate import RobomimicGenerationConfig, generate_robomimic
+
+            rcfg = RobomimicGenerationConfig(
+                env_name=args.env,
+                num_episodes=300 if args.num_episodes is None else args.num_episodes,
+                seed=args.seed,
+                store_model_file=not args.without_model_file,
+            )
+            generate_robomimic(rcfg, args.dataset_dir, args.workers, overwrite=args.overwrite, progress=not args.quiet)
+            return 0
         domain, typ, version = parse_dataset_name(args.env, args.dataset_type)
         cfg = GenerationConfig(
             domain=domain,
             dataset_type=typ,
             version=version,
-            num_episodes=args.num_episodes,
+            num_episodes=1000 if args.num_episodes is None else args.num_episodes,
             max_episode_steps=args.max_episode_steps,
             seed=args.seed,
             p_random_action=args.p_random_action,
         )
         generate_dataset(cfg, args.dataset_dir, workers=args.workers, overwrite=args.overwrite, progress=not args.quiet)
-    except (UnsupportedDomainError, FileExistsError, ValueError) as e:
+    except (UnsupportedDomainError, FileExistsError, ValueError, RuntimeError) as e:
         print(f"trqam-lit-data: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("trqam-lit-data: interrupted; no partial file was left under the final names", file=sys.stderr)
+        print(
+            "trqam-lit-data: interrupted; no partial file was left under the final names (Robomimic: finished demos "
+            "are kept in <file>.parts/ and the same command continues from them)",
+            file=sys.stderr,
+        )
         return 130
     return 0
 

@@ -83,14 +83,18 @@ class ReplayBuffer:
         offline: processed offline transitions (either layout; stored in the regular layout here).
         capacity_extra: number of online transitions to keep room for.
         sparse: apply ``reward <- -1 * (reward != 0)`` to added transitions, as for the offline data.
+        reward_offset: added to each added transition's reward first, as the domain's offline rewards were shifted
+            (Robomimic: -1, the reference's ``r - 1``).
     """
 
-    def __init__(self, offline: ChunkTable, capacity_extra: int, sparse: bool = False) -> None:
+    def __init__(
+        self, offline: ChunkTable, capacity_extra: int, sparse: bool = False, reward_offset: float = 0.0
+    ) -> None:
         if capacity_extra < 1:
             raise ValueError(f"capacity_extra must be >= 1, got {capacity_extra}")
         self.offline_size = len(offline)
         self.capacity_extra = int(capacity_extra)
-        self.sparse = sparse
+        self.sparse, self.reward_offset = sparse, float(reward_offset)
         self._table = offline.to_regular(extra_rows=self.capacity_extra)
         self._online = 0  # online transitions stored (<= capacity_extra)
         self._head = 0  # next online slot to write
@@ -118,6 +122,7 @@ class ReplayBuffer:
         t = self._table
         t.observations[row] = observation
         t.actions[row] = np.clip(action, -DATASET_ACTION_LIMIT, DATASET_ACTION_LIMIT)
+        reward = float(reward) + self.reward_offset
         t.rewards[row] = -float(reward != 0) if self.sparse else reward
         t.masks[row] = mask
         t.terminals[row] = float(terminal)

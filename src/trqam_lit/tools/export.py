@@ -10,7 +10,8 @@ policy during a BC warm-up, the fine-tuned one after it), with a JSON descriptio
     noise = torch.randn(obs.shape[0], meta["chunk_dim"])  # meta["noise_shape"], "batch" the batch size
     chunk = policy(obs, noise)  # (B, horizon * act_dim) in [-1, 1]; reshape to (B, horizon, act_dim)
 
-``obs`` is the environment's float32 observation batch (B, obs_dim) as the agent saw it in training; ``noise`` is
+``obs`` is the environment's float32 observation batch (B, obs_dim) as the agent saw it in training (Robomimic:
+normalised; ``meta["observation_normalization"]`` holds the statistics and the formula); ``noise`` is
 the flow's starting noise, standard normal, so a fixed noise gives a fixed action chunk (the same numbers as the
 agent's own ``policy_actions``). Any batch size works. ``load_policy`` does the above and draws the noise.
 """
@@ -198,6 +199,9 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path) -> dict[str, Any]:
     info = {"checkpoint": str(ckpt_path), "global_step": int(ckpt.get("global_step", -1))}
     if data.get("env_name"):  # the OGBench dataset, whose single-task environment evaluates the policy
         info["env_name"] = data["env_name"]
+    for entry in ckpt.values():  # a DataModule's entry (Lightning keys it by the class name)
+        if isinstance(entry, dict) and "observation_normalization" in entry:
+            info["observation_normalization"] = entry["observation_normalization"]  # Robomimic: obs in the formula
     return export_policy(agent, out, info)
 
 
