@@ -35,12 +35,14 @@ _DROPPED_KWARGS = ("env_name", "env_lang", "lang", "render_gpu_device_id")
 
 def robosuite_robomimic() -> Any:
     """``import_robosuite()`` with robosuite's import-time warnings and per-env INFO lines kept out of the log."""
-    logging.getLogger("robosuite_logs").setLevel(logging.ERROR)
-    rs = import_robosuite()
-    from robosuite.utils.log_utils import ROBOSUITE_DEFAULT_LOGGER
+    logger = logging.getLogger("robosuite_logs")
+    if _quiet not in logger.filters:  # a filter, not a level: robosuite sets the level when it creates the logger
+        logger.addFilter(_quiet)
+    return import_robosuite()
 
-    ROBOSUITE_DEFAULT_LOGGER.setLevel(logging.ERROR)
-    return rs
+
+def _quiet(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.ERROR
 
 
 def robosuite_kwargs(env_meta: dict[str, Any]) -> dict[str, Any]:
@@ -129,8 +131,20 @@ class RobomimicLowDimEnv(gym.Env):
         """The flattened simulator state (time, qpos, qvel), as robomimic stores it in ``states``."""
         return np.array(self.env.sim.get_state().flatten())
 
-    def reset_to(self, state: np.ndarray) -> np.ndarray:
-        """Set the simulator to a stored flattened state (after a reset) and return the observation there."""
+    def reset_to(self, state: np.ndarray, *, model_file: str | None = None, seed: int | None = None) -> np.ndarray:
+        """Reset to a stored demo's model and flattened state; returns the observation there.
+
+        The model comes from ``model_file`` (the demo's MJCF XML, as robomimic's ``reset_to`` loads it) or, without
+        one, from a reset with the demo's ``seed`` (robosuite draws model randomisation, such as Lift's cube size,
+        at reset); with neither, the current model is kept.
+        """
+        if model_file is not None:
+            self.env.reset()
+            self.env.reset_from_xml_string(self.env.edit_model_xml(model_file))
+            self.env.sim.reset()
+        elif seed is not None:
+            self.reset(seed=seed)
+        self.t = 0
         self.env.sim.set_state_from_flattened(np.asarray(state))
         self.env.sim.forward()
         return self.observe()

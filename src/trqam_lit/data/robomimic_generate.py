@@ -9,7 +9,8 @@ three operator styles), not the human teleoperation of the released files; resul
 As robomimic's multi-human files: demo ``e`` comes from style ``STYLES[e % 3]`` (careful / hurried / clumsy, filter
 keys ``better`` / ``okay`` / ``worse`` and the style names), only successful attempts are kept (the attempts a style
 needed are in the provenance), every tenth demo is in the ``valid`` filter key, the rest in ``train``. Each demo
-stores ``states`` (replayable from its first state) and, unless ``--without-model-file``, the MJCF XML.
+stores ``states``, the reset ``seed`` (which also draws model randomisation such as Lift's cube size) and, unless
+``--without-model-file``, the MJCF XML: either restores the model, and then the first state replays the demo.
 
 Seeding: attempt ``a`` of demo ``e`` runs with ``episode_seed(seed, e * 1000 + a)`` (robosuite's placement and the
 operator's draws), so the output is the same whatever ``--workers`` is. Finished demos are kept in
@@ -95,7 +96,7 @@ class _Demonstrator:
             operator = ScriptedOperator(self.name.task, style, np.random.default_rng(seed))
             demo = self._record(operator)
             if demo is not None:
-                demo["attempts"] = attempt + 1
+                demo["attempts"], demo["seed"] = attempt + 1, seed
                 return demo
         raise RuntimeError(
             f"{self.cfg.env_name}: the {style} operator failed {MAX_ATTEMPTS} attempts in a row for demo {episode}"
@@ -157,7 +158,7 @@ def _save_part(parts: Path, episode: int, demo: dict[str, Any]) -> None:
     flat = {k: v for k, v in demo.items() if isinstance(v, np.ndarray)}
     flat.update({f"obs/{k}": v for k, v in demo["obs"].items()})
     flat.update({f"next_obs/{k}": v for k, v in demo["next_obs"].items()})
-    flat["attempts"] = np.asarray(demo["attempts"])
+    flat["attempts"], flat["seed"] = np.asarray(demo["attempts"]), np.asarray(demo["seed"])
     if demo["model_file"] is not None:
         flat["model_file"] = np.asarray(demo["model_file"])
     with atomic_write(_part_path(parts, episode)) as partial, open(partial, "wb") as f:
@@ -173,8 +174,8 @@ def _load_part(path: Path) -> dict[str, Any]:
                 demo[part][name] = z[key]
             elif key == "model_file":
                 demo["model_file"] = str(z[key])
-            elif key == "attempts":
-                demo["attempts"] = int(z[key])
+            elif key in ("attempts", "seed"):
+                demo[key] = int(z[key])
             else:
                 demo[key] = z[key]
     return demo
@@ -250,7 +251,7 @@ def generate_robomimic(
         masks["valid" if e % 10 == 9 else "train"].append(name)
     env_meta = _env_meta(cfg)
     for e, demo in enumerate(demos):
-        demo["attrs"] = {"style": style_of(e), "attempts": demo["attempts"]}
+        demo["attrs"] = {"style": style_of(e), "attempts": demo["attempts"], "seed": demo["seed"]}
     with atomic_write(path) as partial:
         write_robomimic(partial, env_meta, demos, masks)
     attempts: dict[str, list[int]] = {}
