@@ -146,11 +146,20 @@ def test_killed_grid_resumes_skipping_finished_runs_and_continuing_killed_ones(t
                 assert int(row["seeds"]) == 2
                 assert float(row["mean"]) == pytest.approx(sum(values) / 2, rel=1e-5, abs=1e-7)
                 assert float(row["std"]) == pytest.approx(statistics.stdev(values), rel=1e-5, abs=1e-7)
+                assert float(row["min"]) == pytest.approx(min(values), rel=1e-5, abs=1e-7)
+                assert float(row["max"]) == pytest.approx(max(values), rel=1e-5, abs=1e-7)
         final = [dict(seed["eval/return"])[STEPS - 1] for seed in per_seed]
         mean, std = statistics.mean(final), statistics.stdev(final)
         assert f"| {agent} | {mean:.3g} ± {std:.3g} (2) |" in (report / "table.md").read_text()
+    with open(report / "seeds.csv") as f:  # every logged value of every run, as the event files hold it
+        seeds = {(r["agent"], int(r["seed"]), r["tag"], int(r["step"])): float(r["value"]) for r in csv.DictReader(f)}
+    for agent in ("trqam", "qam"):
+        for seed in (0, 1):
+            for tag, series in read_scalars(runs / agent / "default" / f"seed{seed}").items():
+                for step, value in series:
+                    assert seeds[(agent, seed, tag, step)] == pytest.approx(value, rel=1e-7, abs=1e-9), (tag, step)
     for name in ("default_eval_return.png", "default_dual_kl_ema.png", "default_dual_lambda.png",
-                 "default_actor_am_loss.png"):  # fmt: skip
+                 "default_actor_am_loss.png", "default_dual_kl.png", "default_critic_q_mean.png"):  # fmt: skip
         assert (report / name).stat().st_size > 10_000, name
 
 
@@ -395,3 +404,62 @@ def test_an_agent_composed_from_several_configs_passes_them_in_order_and_tracks_
     (tmp_path / "grid.yaml").write_text("name: c\nseeds: [0]\nagents:\n  fql: {config: [model.yaml, missing.yaml]}\n")
     with pytest.raises(FileNotFoundError, match="config of agent 'fql' not found: missing.yaml"):
         Grid.load(tmp_path / "grid.yaml")
+
+
+def _drawn(monkeypatch):
+    """The axes the report would save, by file name (instead of PNGs)."""
+    from trqam_lit.tools import report
+
+    axes = {}
+    monkeypatch.setattr(report, "_save", lambda fig, ax, title, xl, yl, path: axes.setdefault(path.name, ax) and path)
+    return report, axes
+
+
+def _rows(agent, tag, steps_values):
+    from trqam_lit.tools.report import mean_std
+
+    out = []
+    for step, values in steps_values:
+        mean, std = mean_std(values)
+        out.append({"agent": agent, "task": "t", "tag": tag, "step": step, "mean": mean, "std": std,
+                    "min": min(values), "max": max(values), "seeds": len(values)})  # fmt: skip
+    return out
+
+
+def test_report_bands_are_the_seeds_range_and_the_adjoint_plots_use_a_log_axis(monkeypatch, tmp_path):
+    report, axes = _drawn(monkeypatch)
+    # Success 0% and 40% on two seeds: a +-std band would reach -8%; the min-max band stays in [0, 40].
+    rows = _rows("qam", "eval/success", [(10, [0.0, 0.4])]) + _rows("qam", "actor/am_loss", [(5, [1.0, 1e20])])
+    rows += _rows("trqam", "dual/kl", [(5, [0.09, 0.11])]) + _rows("qam", "dual/kl", [(5, [2.0, 3.0])])
+    rows += _rows("bc", "eval/success", [(10, [0.2, 0.3])])
+    finals = {("bc", "t", "eval/success"): [0.2, 0.3]}
+    report.plot(rows, {("trqam", "t"): 0.1}, tmp_path, "g", ("bc", "qam", "trqam"), finals)
+    success = axes["t_eval_success.png"]
+    band = success.collections[0].get_paths()[0].vertices[:, 1]
+    assert band.min() == pytest.approx(0.0) and band.max() == pytest.approx(40.0)
+    labels = [line.get_label() for line in success.lines]
+    assert "BC, final (2 seeds)" in labels and not any(label.startswith("bc (") for label in labels)
+    assert [line.get_ydata()[0] for line in success.lines if line.get_label().startswith("BC")] == [pytest.approx(25)]
+    assert axes["t_actor_am_loss.png"].get_yscale() == "log" and success.get_yscale() == "linear"
+    kl = axes["t_dual_kl.png"]  # every agent's KL, the budget of the one that has one
+    assert {line.get_label() for line in kl.lines} == {"qam (2 seeds)", "trqam (2 seeds)", "budget eps_KL = 0.1"}
+
+
+def test_report_table_aggregates_seeds_then_tasks_then_domains(tmp_path, monkeypatch):
+    from trqam_lit.tools.grid import Grid
+    from trqam_lit.tools.report import markdown_table
+
+    grid_file = tmp_path / "g.yaml"
+    grid_file.write_text(
+        "name: g\nruns_dir: runs\nagents:\n  a: {config: x.yaml}\n"
+        "tasks:\n  d1/t1: []\n  d1/t2: []\n  d2/t1: []\nseeds: [0, 1]\n"
+    )
+    (tmp_path / "x.yaml").write_text("{}\n")
+    monkeypatch.chdir(tmp_path)  # config paths are relative to where the runner starts
+    grid = Grid.load(grid_file)
+    finals = {("a", "d1/t1", "eval/success"): [0.2, 0.4], ("a", "d1/t2", "eval/success"): [0.6, 0.6],
+              ("a", "d2/t1", "eval/success"): [1.0, 0.8]}  # fmt: skip
+    table = markdown_table(grid, finals, {})
+    assert "| agent | d1/t1 | d1/t2 | d2/t1 | d1 (mean) | d2 (mean) | all |" in table
+    # d1 = mean(30, 60) = 45, d2 = 90, all = mean(45, 90) = 67.5 (not the mean of the three tasks, 60)
+    assert "| 45.0 | 90.0 | 67.5 |" in table

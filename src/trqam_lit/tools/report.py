@@ -16,15 +16,20 @@ import yaml
 
 from trqam_lit.tools.grid import Grid, Run
 
-# tag -> (plot title, y-axis label, scale applied to the logged value)
+# tag -> (plot title, y-axis label, scale applied to the logged value, log y-axis)
 PLOTS = {
-    "eval/success": ("evaluation success", "success rate (% of episodes)", 100.0),
-    "eval/return": ("evaluation return", "return per episode (sum of rewards)", 1.0),
-    "dual/kl_ema": ("path KL average vs budget", "KL average (nats per chunk step)", 1.0),
-    "dual/lambda": ("trust-region parameter", "lambda (dimensionless)", 1.0),
-    "actor/am_loss": ("adjoint-matching loss", "L_AM (batch mean)", 1.0),
+    "eval/success": ("evaluation success", "success rate (% of episodes)", 100.0, False),
+    "eval/return": ("evaluation return", "return per episode (sum of rewards)", 1.0, False),
+    "dual/kl": ("path KL of every agent vs budget", "path KL estimate (nats per chunk step)", 1.0, False),
+    "dual/kl_ema": ("path KL average vs budget", "KL average (nats per chunk step)", 1.0, False),
+    "dual/lambda": ("trust-region parameter", "lambda (dimensionless)", 1.0, False),
+    "actor/am_loss": ("adjoint-matching loss", "L_AM (batch mean, log scale)", 1.0, True),
+    "actor/adj_max": ("largest adjoint entry", "max |adjoint at t=1| (log scale)", 1.0, True),
+    "critic/q_mean": ("critic's mean Q on the batch", "Q (batch mean)", 1.0, False),
 }
 TABLE_TAGS = ("eval/success", "eval/return")
+BUDGET_TAGS = ("dual/kl", "dual/kl_ema")
+BC_AGENT = "bc"  # a grid agent of this name is drawn as a reference line on the evaluation plots
 
 Series = dict[int, float]  # step -> value
 
@@ -70,9 +75,9 @@ def final_value(tag: str, series: Series) -> float:
     return sum(series[s] for s in window) / len(window)
 
 
-def aggregate(grid: Grid) -> tuple[list[dict], dict, dict, dict]:
+def aggregate(grid: Grid) -> tuple[list[dict], dict, dict, dict, list[dict]]:
     """(rows step by step, final values per (agent, task, tag), eps_kl per (agent, task), the last logged step of
-    each unfinished run by name).
+    each unfinished run by name, every logged value of every run: agent, task, seed, tag, step, value).
 
     The rows count every run that logged a step (a report made while the grid runs shows how far each got); the final
     values come from finished runs only: an unfinished run's last evaluation is not its final one.
@@ -81,12 +86,15 @@ def aggregate(grid: Grid) -> tuple[list[dict], dict, dict, dict]:
     final: dict[tuple[str, str, str], list[Series]] = defaultdict(list)
     budgets: dict[tuple[str, str], float] = {}
     unfinished: dict[str, int | str] = {}
+    per_seed: list[dict] = []
     for run in grid.runs:
         if not run.run_dir.is_dir():
             continue
         scalars = read_run(run.run_dir)
-        for tag, series in scalars.items():
+        for tag, series in sorted(scalars.items()):
             per[(run.agent, run.task, tag)].append(series)
+            base = {"agent": run.agent, "task": run.task, "seed": run.seed, "tag": tag, "finished": run.finished}
+            per_seed += [{**base, "step": step, "value": value} for step, value in sorted(series.items())]
             if run.finished:
                 final[(run.agent, run.task, tag)].append(series)
         if not run.finished:
@@ -99,37 +107,70 @@ def aggregate(grid: Grid) -> tuple[list[dict], dict, dict, dict]:
             values = [series[step] for series in seeds if step in series]
             mean, std = mean_std(values)
             rows.append({"agent": agent, "task": task, "tag": tag, "step": step, "mean": mean, "std": std,
-                         "seeds": len(values)})  # fmt: skip
+                         "min": min(values), "max": max(values), "seeds": len(values)})  # fmt: skip
         finals[(agent, task, tag)] = [final_value(tag, series) for series in final[(agent, task, tag)] if series]
-    return rows, finals, budgets, unfinished
+    return rows, finals, budgets, unfinished, per_seed
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
+    fields = ["agent", "task", "tag", "step", "mean", "std", "min", "max", "seeds"]
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["agent", "task", "tag", "step", "mean", "std", "seeds"])
+        writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         for row in rows:
-            writer.writerow({**row, "mean": f"{row['mean']:.6g}", "std": f"{row['std']:.6g}"})
+            writer.writerow({k: f"{row[k]:.6g}" if k in ("mean", "std", "min", "max") else row[k] for k in fields})
+
+
+def write_seed_csv(per_seed: list[dict], path: Path) -> None:
+    """Every logged value of every run (``finished`` 0 for a run still going): each number of a report can be
+    recomputed from this file."""
+    fields = ["agent", "task", "seed", "tag", "step", "value", "finished"]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for row in per_seed:
+            writer.writerow({**row, "value": f"{row['value']:.9g}", "finished": int(row["finished"])})
+
+
+def domain_of(task: str) -> str:
+    """A task named ``<domain>/<task>`` belongs to ``<domain>``; any other name is its own domain."""
+    return task.split("/", 1)[0]
 
 
 def markdown_table(grid: Grid, finals: dict, unfinished: dict[str, int | str]) -> str:
-    """Final evaluation per agent (rows) and task (columns): mean +- std over seeds (number of seeds)."""
+    """Final evaluation per agent (rows) and task (columns): mean +- std over seeds (number of seeds); with several
+    tasks, the paper's aggregation after them: per domain the mean of its tasks' seed means, then ``all``, the mean of
+    the domain means (a cell only when every task of it has finished seeds)."""
     agents, tasks = grid.agents, grid.tasks
+    domains = sorted({domain_of(t) for t in tasks}, key=lambda d: [domain_of(t) for t in tasks].index(d))
+    grouped = len(tasks) > 1
+    extra = ([f"{d} (mean)" for d in domains] if len(domains) < len(tasks) else []) + (["all"] if grouped else [])
     lines = []
     for tag in TABLE_TAGS:
-        title, _, scale = PLOTS[tag]
+        title, _, scale, _ = PLOTS[tag]
+        fmt = ".1f" if scale == 100.0 else ".3g"  # success in %, returns of any scale
         lines += [f"### Final {title} ({'%' if scale == 100.0 else 'mean'}, mean ± std over seeds (seeds))", ""]
-        lines += ["| agent | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+        lines += ["| agent | " + " | ".join([*tasks, *extra]) + " |", "|---|" + "---|" * (len(tasks) + len(extra))]
         for agent in agents:
-            cells = []
+            cells, task_means = [], {}
             for task in tasks:
                 values = finals.get((agent, task, tag))
                 if not values:
                     cells.append("–")
                     continue
                 mean, std = mean_std([v * scale for v in values])
-                fmt = ".1f" if scale == 100.0 else ".3g"  # success in %, returns of any scale
+                task_means[task] = mean
                 cells.append(f"{mean:{fmt}} ± {std:{fmt}} ({len(values)})")
+            domain_means = {}
+            for d in domains:
+                members = [t for t in tasks if domain_of(t) == d]
+                if all(t in task_means for t in members):
+                    domain_means[d] = sum(task_means[t] for t in members) / len(members)
+            if len(domains) < len(tasks):
+                cells += [f"{domain_means[d]:{fmt}}" if d in domain_means else "–" for d in domains]
+            if grouped:
+                done = len(domain_means) == len(domains)
+                cells.append(f"{sum(domain_means.values()) / len(domains):{fmt}}" if done else "–")
             lines.append(f"| {agent} | " + " | ".join(cells) + " |")
         lines.append("")
     if unfinished:
@@ -175,8 +216,18 @@ def _save(fig, ax, title: str, xlabel: str, ylabel: str, path: Path) -> Path:
     return path
 
 
-def plot(rows: list[dict], budgets: dict, out_dir: Path, grid_name: str, order: Sequence[str] = ()) -> list[Path]:
-    """One PNG per (task, plotted tag): one line per agent (in ``order``, the grid's), a shaded band of +- one std."""
+def plot(
+    rows: list[dict],
+    budgets: dict,
+    out_dir: Path,
+    grid_name: str,
+    order: Sequence[str] = (),
+    finals: dict | None = None,
+) -> list[Path]:
+    """One PNG per (task, plotted tag): one line per agent (in ``order``, the grid's) with the seeds' min-max band
+    (never outside what a seed logged: no success band below 0%); budgets as dashed lines on the KL plots; a log
+    y-axis for the adjoint quantities; a grid agent named ``bc`` as a dotted reference line (its final value) on the
+    evaluation plots of the other agents."""
     by: dict[tuple[str, str], dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for row in rows:
         if row["tag"] in PLOTS:
@@ -184,21 +235,34 @@ def plot(rows: list[dict], budgets: dict, out_dir: Path, grid_name: str, order: 
     rank = {agent: i for i, agent in enumerate(order)}
     written = []
     for (task, tag), agents in sorted(by.items()):
-        title, ylabel, scale = PLOTS[tag]
+        title, ylabel, scale, log = PLOTS[tag]
+        bc_final = (finals or {}).get((BC_AGENT, task, tag)) if tag.startswith("eval/") else None
+        if bc_final and set(agents) != {BC_AGENT}:
+            agents = {a: p for a, p in agents.items() if a != BC_AGENT}
         fig, ax = _figure(len(agents))
         band = 0.2 if len(agents) <= 4 else 0.1  # many overlapping bands: lighter, so the lines stay visible
+        drawn_budgets: set[float] = set()
         for agent, points in sorted(agents.items(), key=lambda item: (rank.get(item[0], len(rank)), item[0])):
+            if log:
+                points = [p for p in points if p["min"] > 0]
+                if not points:
+                    continue
             steps = [p["step"] for p in points]
             mean = [p["mean"] * scale for p in points]
-            std = [p["std"] * scale for p in points]
             seeds = max(p["seeds"] for p in points)
             (line,) = ax.plot(steps, mean, label=f"{agent} ({_seeds(seeds)})", marker="o" if len(steps) < 30 else None)
-            low = [m - s for m, s in zip(mean, std, strict=True)]
-            high = [m + s for m, s in zip(mean, std, strict=True)]
-            ax.fill_between(steps, low, high, color=line.get_color(), alpha=band)
-            if tag == "dual/kl_ema" and (eps := budgets.get((agent, task))) is not None:
-                ax.axhline(eps, color=line.get_color(), linestyle="--", linewidth=1, label=f"{agent} budget eps_KL")
-        path = out_dir / f"{task}_{tag.replace('/', '_')}.png"
+            if seeds > 1:
+                low, high = [p["min"] * scale for p in points], [p["max"] * scale for p in points]
+                ax.fill_between(steps, low, high, color=line.get_color(), alpha=band)
+            if tag in BUDGET_TAGS and (eps := budgets.get((agent, task))) is not None and eps not in drawn_budgets:
+                drawn_budgets.add(eps)
+                ax.axhline(eps, color=line.get_color(), linestyle="--", linewidth=1, label=f"budget eps_KL = {eps:g}")
+        if bc_final and set(agents) != {BC_AGENT}:
+            value = sum(bc_final) / len(bc_final) * scale
+            ax.axhline(value, color="0.35", linestyle=":", linewidth=1.2, label=f"BC, final ({_seeds(len(bc_final))})")
+        if log and ax.lines:
+            ax.set_yscale("log")
+        path = out_dir / f"{task.replace('/', '_')}_{tag.replace('/', '_')}.png"
         xlabel = "training step (optimizer updates)"
         written.append(_save(fig, ax, f"{grid_name} / {task}: {title}", xlabel, ylabel, path))
     return written
@@ -245,6 +309,8 @@ def plot_sweep(grid: Grid, finals: dict, budgets: dict, out_dir: Path) -> list[P
         if not plotted:
             _pyplot().close(fig)
             continue
+        if tag == "dual/kl":  # the KL spans an order of magnitude or more across error sizes
+            ax.set_yscale("log")
         title, ylabel = f"{grid.name}: {labels[tag][0]}", labels[tag][1]
         path = out_dir / f"sweep_{tag.replace('/', '_')}.png"
         written.append(_save(fig, ax, title, "task value (e.g. critic error size delta)", ylabel, path))
@@ -252,12 +318,15 @@ def plot_sweep(grid: Grid, finals: dict, budgets: dict, out_dir: Path) -> list[P
 
 
 def report(grid: Grid, out_dir: Path) -> dict[str, Path | list[Path]]:
-    """Writes ``scalars.csv``, ``table.md`` and the PNGs into ``out_dir``; returns their paths."""
+    """Writes ``scalars.csv`` (per step: mean, std, min, max over seeds), ``seeds.csv`` (every run's values),
+    ``table.md`` and the PNGs into ``out_dir``; returns their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows, finals, budgets, unfinished = aggregate(grid)
+    rows, finals, budgets, unfinished, per_seed = aggregate(grid)
     if not rows:
         raise ValueError(f"no TensorBoard scalars found under the runs of grid '{grid.name}' (run it first)")
     write_csv(rows, out_dir / "scalars.csv")
+    write_seed_csv(per_seed, out_dir / "seeds.csv")
     (out_dir / "table.md").write_text(markdown_table(grid, finals, unfinished))
-    plots = plot(rows, budgets, out_dir, grid.name, grid.agents) + plot_sweep(grid, finals, budgets, out_dir)
-    return {"csv": out_dir / "scalars.csv", "table": out_dir / "table.md", "plots": plots}
+    plots = plot(rows, budgets, out_dir, grid.name, grid.agents, finals) + plot_sweep(grid, finals, budgets, out_dir)
+    return {"csv": out_dir / "scalars.csv", "seeds": out_dir / "seeds.csv", "table": out_dir / "table.md",
+            "plots": plots}  # fmt: skip
