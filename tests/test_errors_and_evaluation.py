@@ -268,6 +268,31 @@ def test_chunk_actions_run_first_first_from_the_row_major_chunk(recorded):
         assert torch.equal(seen[c], torch.as_tensor(env.obs[H * c - 1], dtype=torch.float32)[None])
 
 
+@pytest.mark.parametrize(("offset", "sparse"), [(0.0, False), (-1.0, False), (0.0, True)])
+def test_the_discounted_return_sums_each_steps_training_reward_across_chunks(recorded, offset, sparse):
+    # 7 steps with H = 3 (chunks of 3, 3, 1): the discount's exponent runs over environment steps, not chunks, and
+    # each reward goes through the domain's transformation first (Robomimic's r - 1; QAM's sparse -1 * (r != 0)).
+    recorded.max_steps = 7
+    first = []
+
+    def act(obs):
+        chunk = torch.full((obs.shape[0], 3 * CUBE_ACT), 0.1 * (len(first) + 1))
+        first.append(chunk)
+        return chunk
+
+    ev = RolloutEvaluator(recorded, horizon=3, action_dim=CUBE_ACT, num_episodes=1, num_envs=1, seed=3,
+                          discount=0.9, reward_offset=offset, sparse=sparse)  # fmt: skip
+    out = ev.evaluate(act)
+    (env,) = recorded.made
+    rewards = [r + offset for r in env.rewards]
+    rewards = [-float(r != 0) for r in rewards] if sparse else rewards
+    assert len(rewards) == 7
+    assert out["discounted_return"].tolist() == [pytest.approx(sum(0.9**t * r for t, r in enumerate(rewards)))]
+    np.testing.assert_array_equal(out["initial_obs"][0].numpy(), env.resets[0][1].astype(np.float32))
+    np.testing.assert_array_equal(out["first_chunk"][0].numpy(), first[0][0].numpy())
+    assert "discounted_return" not in RolloutEvaluator(recorded, 3, CUBE_ACT, 1, 1).evaluate(act)
+
+
 def test_success_is_info_success_at_the_final_step(recorded):
     # Four episodes (time limit 5, two envs in lockstep), each with a scripted info['success']:
     #   success at step 2 only, then runs to the time limit   -> 0 (a max over the episode would say 1)

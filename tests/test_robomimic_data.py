@@ -179,6 +179,11 @@ def test_a_cli_fit_on_the_fixture_evaluates_in_the_robosuite_environment(fit_run
     assert len(success) == 1 and 0.0 <= success[0][1] <= 1.0
     assert 1.0 <= length[0][1] <= 300.0
     assert ret[0][1] == pytest.approx(success[0][1], abs=1e-6), "0/1 rewards: the return is the success"
+    # The critic's over-optimism: its Q at each episode's first state and chunk minus the realised discounted
+    # return in training rewards (r - 1, discount 0.995): between -1 / (1 - 0.995) and 0 per episode.
+    q, g, over = (scalars[f"eval/{k}"][0][1] for k in ("q_initial", "discounted_return", "over_optimism"))
+    assert -200.0 <= g <= 0.0 and g < 0.0
+    assert over == pytest.approx(q - g, rel=1e-5, abs=1e-4)
 
 
 def test_the_online_phase_steps_the_robosuite_environment_with_shifted_rewards(tmp_path):

@@ -12,7 +12,7 @@ from torchmetrics import MeanMetric
 from trqam_lit.math.flow import sample_actions
 from trqam_lit.training.rng import EVAL_NOISE, seeded
 
-EVAL_METRICS = ("success", "return", "length", "action_mean")
+EVAL_METRICS = ("success", "return", "length", "action_mean", "discounted_return", "q_initial", "over_optimism")
 
 
 class Evaluating:
@@ -42,6 +42,15 @@ class Evaluating:
             noise = torch.randn(self.acting_noise_shape(obs.shape[0]), device=self.device)
         return self.policy_actions(obs, noise)
 
+    @torch.no_grad()
+    def predicted_value(self, s: Tensor, a: Tensor) -> Tensor | None:
+        """The critic ensemble's mean Q of each (observation, action chunk), (B,): what the agent expects an episode
+        from its first state and chunk to return. None without a learned critic (BC, an analytic critic)."""
+        if not getattr(self, "uses_critic", False) or getattr(self, "analytic_q", None) is not None:
+            return None
+        q = self.critic(s.to(self.device, torch.float32), a.to(self.device, torch.float32))
+        return q.float().mean(dim=0).cpu()
+
     def on_validation_epoch_start(self) -> None:
         dm = self.trainer.datamodule
         if dm is None or not hasattr(dm, "make_evaluator"):
@@ -60,6 +69,10 @@ class Evaluating:
         # noise is its own stream, so an evaluation neither depends on nor disturbs the training draws.
         with seeded(self.device, self.seed_of(EVAL_NOISE)):
             values = self._evaluator.evaluate(self.act, rank=rank, world_size=world)
+        initial_obs, first_chunk = values.pop("initial_obs", None), values.pop("first_chunk", None)
+        if initial_obs is not None and (q := self.predicted_value(initial_obs, first_chunk)) is not None:
+            values["q_initial"] = q
+            values["over_optimism"] = q - values["discounted_return"].to(q.device)
         for name, per_episode in values.items():
             metric = self.eval_metrics[name]
             metric.update(torch.as_tensor(per_episode, dtype=torch.float32, device=self.device))

@@ -204,7 +204,8 @@ class ChunkDataModule(OnlineDataModule):
         raise NotImplementedError
 
     def _replay_buffer_options(self) -> dict[str, Any]:
-        """Keyword arguments of :class:`ReplayBuffer` that make online rewards match the offline ones."""
+        """The reward transformation (``reward_offset``, ``sparse``) that makes environment rewards the offline data's:
+        keyword arguments of :class:`ReplayBuffer` and of the evaluator's discounted return."""
         return {}
 
     # ---- written once ------------------------------------------------------------------------------------------
@@ -263,6 +264,8 @@ class ChunkDataModule(OnlineDataModule):
                 num_envs=self.eval_envs,
                 seed=self.seed,
                 workers=self.eval_workers,
+                discount=self.discount,
+                **self._replay_buffer_options(),
             )
         return self._evaluator
 

@@ -10,6 +10,7 @@ import torch
 from trqam_lit.data.chunks import ChunkTable, sample_chunks
 from trqam_lit.data.loading import DATASET_ACTION_LIMIT
 from trqam_lit.training.ranks import gather_from_ranks
+from trqam_lit.training.rewards import training_reward
 
 _ONLINE_KEYS = ("observations", "actions", "rewards", "masks", "terminals", "next_observations")
 DEFERRED_KEY = "deferred_step"
@@ -122,8 +123,7 @@ class ReplayBuffer:
         t = self._table
         t.observations[row] = observation
         t.actions[row] = np.clip(action, -DATASET_ACTION_LIMIT, DATASET_ACTION_LIMIT)
-        reward = float(reward) + self.reward_offset
-        t.rewards[row] = -float(reward != 0) if self.sparse else reward
+        t.rewards[row] = training_reward(reward, self.reward_offset, self.sparse)
         t.masks[row] = mask
         t.terminals[row] = float(terminal)
         t.next_observations[row] = next_observation

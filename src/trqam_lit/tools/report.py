@@ -26,6 +26,7 @@ PLOTS = {
     "actor/am_loss": ("adjoint-matching loss", "L_AM (batch mean, log scale)", 1.0, True),
     "actor/adj_max": ("largest adjoint entry", "max |adjoint at t=1| (log scale)", 1.0, True),
     "critic/q_mean": ("critic's mean Q on the batch", "Q (batch mean)", 1.0, False),
+    "eval/over_optimism": ("critic over-optimism", "Q(s0, a0) - realised discounted return", 1.0, False),
 }
 TABLE_TAGS = ("eval/success", "eval/return")
 BUDGET_TAGS = ("dual/kl", "dual/kl_ema")

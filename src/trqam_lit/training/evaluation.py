@@ -19,6 +19,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from trqam_lit.training.rewards import training_reward
+
 ActFn = Callable[[Tensor], Tensor]
 EnvFactory = Callable[[], Any]  # a new environment; picklable (it is sent to spawned workers)
 
@@ -28,20 +30,21 @@ def evaluation_dataloader() -> DataLoader:
     return DataLoader([0], batch_size=1)
 
 
-def run_chunk(env, actions: np.ndarray, ret: float) -> tuple[np.ndarray, float, int, bool, float]:
+def run_chunk(env, actions: np.ndarray, ret: float) -> tuple[np.ndarray, float, int, bool, float, list[float]]:
     """Steps ``env`` through an action chunk (H, A) open loop, stopping at the episode's end.
 
-    Returns (last observation, the return so far, steps taken, episode over, success). The return keeps
-    accumulating one reward at a time, as a step-by-step loop would (same floating-point sum).
+    Returns (last observation, the return so far, steps taken, episode over, success, the chunk's rewards). The
+    return keeps accumulating one reward at a time, as a step-by-step loop would (same floating-point sum).
     """
-    steps = 0
+    steps, rewards = 0, []
     for action in actions:
         obs, reward, terminated, truncated, info = env.step(action)
         ret += float(reward)
+        rewards.append(float(reward))
         steps += 1
         if terminated or truncated:
-            return obs, ret, steps, True, float(info.get("success", 0.0))
-    return obs, ret, steps, False, 0.0
+            return obs, ret, steps, True, float(info.get("success", 0.0)), rewards
+    return obs, ret, steps, False, 0.0, rewards
 
 
 def _env_worker(conn, make_env: EnvFactory) -> None:
@@ -149,6 +152,11 @@ class RolloutEvaluator:
     ``workers`` > 0 steps the environments in that many worker processes (each runs its environments' action chunks
     and sends back the observations), so evaluation uses several cores; 0 steps them in this process. Both run the
     same episodes with the same policy calls and give identical values.
+
+    With a ``discount``, each episode's realised discounted return in the rewards the agent trains on
+    (``training_reward`` of each step's reward: the domain's ``reward_offset`` and ``sparse``) comes back too
+    (``discounted_return``), with the episode's first observation and executed action chunk (``initial_obs``,
+    ``first_chunk``: what the agent's critic predicted that return from).
     """
 
     def __init__(
@@ -160,6 +168,9 @@ class RolloutEvaluator:
         num_envs: int = 10,
         seed: int = 0,
         workers: int = 0,
+        discount: float | None = None,
+        reward_offset: float = 0.0,
+        sparse: bool = False,
     ) -> None:
         if num_episodes < 1 or num_envs < 1:
             raise ValueError(f"num_episodes and num_envs must be >= 1, got {num_episodes}, {num_envs}")
@@ -168,6 +179,7 @@ class RolloutEvaluator:
         self.make_env, self.horizon, self.action_dim = make_env, horizon, action_dim
         self.num_episodes, self.num_envs, self.seed = num_episodes, num_envs, seed
         self.workers = min(workers, num_envs)
+        self.discount, self.reward_offset, self.sparse = discount, float(reward_offset), sparse
         self._envs: list = []
         self._pool: _EnvWorkers | None = None
 
@@ -194,6 +206,8 @@ class RolloutEvaluator:
     def evaluate(self, act: ActFn, rank: int = 0, world_size: int = 1) -> dict[str, Tensor]:
         episodes = list(range(rank, self.num_episodes, world_size))
         out = {"success": [], "return": [], "length": []}
+        if self.discount is not None:
+            out.update(discounted_return=[], initial_obs=[], first_chunk=[])
         threads = torch.get_num_threads()
         if self.workers:
             # The policy's CPU threads would spin between calls on the cores the workers step on: one thread while
@@ -206,7 +220,7 @@ class RolloutEvaluator:
                     out[key].extend(values)
         finally:
             torch.set_num_threads(threads)
-        return {k: torch.tensor(v, dtype=torch.float32) for k, v in out.items()}
+        return {k: torch.as_tensor(np.asarray(v), dtype=torch.float32) for k, v in out.items()}
 
     def _run_wave(self, act: ActFn, wave: list[int]) -> dict[str, list[float]]:
         """One wave of episodes, its environments in ``WAVE_GROUPS`` groups (contiguous blocks of slots) that take
@@ -225,11 +239,15 @@ class RolloutEvaluator:
         size = -(-n // min(WAVE_GROUPS, n))
         active = [list(range(lo, min(lo + size, n))) for lo in range(0, n, size)]
         ret, length, success = [0.0] * n, [0] * n, [0.0] * n
+        discounted, initial_obs, first_chunk = [0.0] * n, [np.asarray(o) for o in obs], [None] * n
 
         def chunk_items(g: int) -> list[tuple]:
             """Every active environment of group g has used up its chunk: one batched policy call for all of them."""
             batch = torch.as_tensor(np.stack([obs[i] for i in active[g]]), dtype=torch.float32)
             chunks = act(batch).float().cpu().numpy().reshape(len(active[g]), self.horizon, self.action_dim)
+            for j, i in enumerate(active[g]):
+                if first_chunk[i] is None:
+                    first_chunk[i] = chunks[j].reshape(-1)
             return [(i, chunks[j], ret[i]) for j, i in enumerate(active[g])]
 
         def after(g: int, in_flight: Collection[int] = ()) -> int | str | None:
@@ -245,7 +263,11 @@ class RolloutEvaluator:
 
         def record(g: int, items: list[tuple], results: list) -> None:
             still = []
-            for (i, _, _), (o, r, steps, over, succ) in zip(items, results, strict=True):
+            for (i, _, _), (o, r, steps, over, succ, rewards) in zip(items, results, strict=True):
+                if self.discount is not None:
+                    for k, reward in enumerate(rewards):
+                        gamma_t = self.discount ** (length[i] + k)
+                        discounted[i] += gamma_t * training_reward(reward, self.reward_offset, self.sparse)
                 obs[i], ret[i], length[i] = o, r, length[i] + steps
                 if over:
                     success[i] = succ
@@ -275,4 +297,7 @@ class RolloutEvaluator:
                 items = chunk_items(nxt)
                 flight.append((nxt, items, pool.send("chunks", items)))
                 last = nxt
-        return {"success": success, "return": ret, "length": [float(x) for x in length]}
+        out = {"success": success, "return": ret, "length": [float(x) for x in length]}
+        if self.discount is not None:
+            out.update(discounted_return=discounted, initial_obs=initial_obs, first_chunk=first_chunk)
+        return out
