@@ -236,7 +236,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             written = report(grid, Path(args.out) if args.out else grid.root / "report")
         except ValueError as err:
             parser.exit(2, f"trqam-lit-exp: error: {err}\n")
-        print(f"trqam-lit-exp: wrote {written['csv']}, {written['table']} and {len(written['plots'])} plots")
+        files = f"{written['csv']}, {written['seeds']}, {written['table']}"
+        print(f"trqam-lit-exp: wrote {files} and {len(written['plots'])} plots")
         return
     if args.print_commands:
         print_commands(grid, args.grid)
