@@ -216,3 +216,23 @@ def test_a_robomimic_policy_exports_with_its_normalisation(fit_run, tmp_path):
     policy = load_policy(tmp_path / "p.pt2")
     chunk = policy(torch.zeros(3, 19))
     assert chunk.shape == (3, 5, 7) and chunk.abs().max() <= 1.0
+
+
+def test_evaluation_workers_run_the_same_robosuite_episodes_as_the_training_process():
+    dm = RobomimicDataModule("lift-mh-low_dim", dataset_dir="fixture", eval_episodes=2, eval_envs=2, seed=4)
+    factory = dm.env_factory()
+    from trqam_lit.training.evaluation import RolloutEvaluator
+
+    def act(obs):  # a fixed policy that depends on the observation: the same episodes give the same chunks
+        return torch.tanh(obs[:, :7].repeat(1, 5) * 3.0)
+
+    kwargs = dict(horizon=5, action_dim=7, num_episodes=2, num_envs=2, seed=4, discount=0.995, reward_offset=-1.0)
+    here = RolloutEvaluator(factory, **kwargs).evaluate(act)
+    pool = RolloutEvaluator(factory, workers=1, **kwargs)
+    try:
+        there = pool.evaluate(act)
+    finally:
+        pool.close()
+    for key in here:
+        torch.testing.assert_close(here[key], there[key], rtol=0, atol=0, msg=key)
+    assert here["length"].tolist() == [300.0, 300.0] or here["success"].sum() > 0
