@@ -328,11 +328,12 @@ def _concat(episodes: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {k: np.concatenate([ep[k] for ep in episodes]) for k in episodes[0]}
 
 
-def _versions() -> dict[str, str]:
+def versions(packages: tuple[str, ...] = ("ogbench", "mujoco", "numpy", "gymnasium", "trqam-lit")) -> dict[str, str]:
+    """Python, platform and ``packages``' versions, for a generated file's provenance."""
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"python": platform.python_version(), "platform": platform.platform()}
-    for pkg in ("ogbench", "mujoco", "numpy", "gymnasium", "trqam-lit"):
+    for pkg in packages:
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:
@@ -394,7 +395,7 @@ def generate_dataset(
             "env_id": cfg.env_id,
             "config": asdict(cfg),
             "seeding": "episode e: np.random.seed, env.reset(seed=), action_space.seed with episode_seed(seed, e)",
-            "versions": _versions(),
+            "versions": versions(),
         }
         text = json.dumps(provenance, indent=2, sort_keys=True) + "\n"
         with atomic_write(paths[f"{split}_json"]) as partial:

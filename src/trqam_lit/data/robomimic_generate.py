@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from trqam_lit.data.generate import _Progress, episode_seed
+from trqam_lit.data.generate import _Progress, episode_seed, versions
 from trqam_lit.data.robomimic import (
     LOW_DIM_KEYS,
     parse_robomimic_name,
@@ -181,19 +181,6 @@ def _load_part(path: Path) -> dict[str, Any]:
     return demo
 
 
-def _versions() -> dict[str, str]:
-    import platform
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version(), "platform": platform.platform()}
-    for pkg in ("robosuite", "mujoco", "numpy", "h5py", "trqam-lit"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = "unknown"
-    return out
-
-
 def generate_robomimic(
     cfg: RobomimicGenerationConfig,
     dataset_dir: str | None = None,
@@ -272,7 +259,7 @@ def generate_robomimic(
         "config": asdict(cfg),
         "seconds": round(seconds, 1),
         "seeding": "attempt a of demo e: robosuite reset and operator rng seeded with episode_seed(seed, e*1000+a)",
-        "versions": _versions(),
+        "versions": versions(("robosuite", "mujoco", "numpy", "h5py", "trqam-lit")),
     }
     json_path = path.with_suffix(".json")
     with atomic_write(json_path) as partial:
