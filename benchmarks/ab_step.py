@@ -8,7 +8,9 @@ machine whose speed drifts: two worker processes, one per checkout (``PYTHONPATH
 
 A step is the agent's ``fine_tune_loss`` on a fixed random batch of the setting's shapes, its backward and an Adam step
 (no Trainer: the step's compute, not Lightning's per-step overhead, which ``benchmarks/throughput.py`` includes).
-Both checkouts must have ``trqam_lit.agents.AGENTS``.
+Both checkouts must have ``trqam_lit.agents.AGENTS``. A checkout with ``configure_gemm`` chooses its GEMM kernel as
+the Trainer's first batch would (``TRQAM_GEMM=mkl|onednn`` in the environment forces one; the other checkout
+ignores it if it predates the switch).
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ def worker(setting: str, agent: str) -> None:
     model = cls(**kwargs)
     batch = synthetic_batch(setting, torch.Generator().manual_seed(1))
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-4)
+    if hasattr(model, "configure_gemm"):  # what the Trainer's first batch does (checkouts that have the switch)
+        choice = model.configure_gemm(batch["observations"].shape[0])
+        print("gemm:", {kind: c["choice"] for kind, c in choice.items()}, file=sys.stderr, flush=True)
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)

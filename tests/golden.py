@@ -243,7 +243,8 @@ def dual_hparams(cfg: dict) -> dict:
 
 # Options of the project that have no counterpart in the reference and no effect on one finite update: a test may
 # leave them at their defaults. Every other constructor argument must be passed from the record (checked).
-NEUTRAL_HPARAMS = frozenset({"max_nonfinite_steps", "compile_step"})  # no effect on the numbers
+# no effect on the numbers (gemm_backend: the GEMM kernel, the same products to float32 rounding)
+NEUTRAL_HPARAMS = frozenset({"max_nonfinite_steps", "compile_step", "gemm_backend"})
 
 
 def agent_hparams(agent: str, arrays: dict[str, np.ndarray], meta: dict) -> dict:

@@ -16,6 +16,13 @@ from trqam_lit.tools.export import META, export_checkpoint, export_policy, load_
 SMALL = dict(obs_dim=5, action_dim=6, horizon=2, actor_hidden_dims=[16, 16], critic_hidden_dims=[16, 16], num_critics=2)
 
 
+@pytest.fixture(autouse=True)
+def _default_gemm_kernel(monkeypatch):
+    # the file is compared bitwise with the agent's own acting; an exported program always carries ATen's GEMMs
+    # (trqam_lit.math.gemm), so the agent's networks must not be forced onto oneDNN here
+    monkeypatch.delenv("TRQAM_GEMM", raising=False)
+
+
 def perturbed(agent: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Every weight moved by a random amount, so that networks copied from one another (v_bc, v_base, v_ft) differ
     and a file acting with the wrong one gives other numbers."""

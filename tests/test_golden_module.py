@@ -15,6 +15,7 @@ import golden
 from golden import assert_params_and_adam_match, assert_reference_adam, capture_calls, close, load, recorded_draws
 from trqam_lit.agents import QAM, TRQAM, adjoint_matching
 from trqam_lit.math.adjoint import adjoint_matching_terms
+from trqam_lit.math.gemm import onednn_available
 
 ONLINE = ("critic", "actor_slow", "actor_fast")
 
@@ -31,13 +32,22 @@ def recorded_agent(agent: str, **overrides):
 
 
 @pytest.mark.parametrize(
-    ("agent", "compiled"),
-    [("trqam", False), ("qam", False), ("trqam", True), pytest.param("qam", True, marks=pytest.mark.slow)],
+    ("agent", "compiled", "gemm_backend"),
+    [
+        ("trqam", False, "auto"),
+        ("qam", False, "auto"),
+        ("trqam", True, "auto"),
+        pytest.param("qam", True, "auto", marks=pytest.mark.slow),
+        pytest.param("trqam", False, "onednn", marks=pytest.mark.skipif(not onednn_available(), reason="no oneDNN")),
+        ("trqam", False, "mkl"),
+    ],
 )
-def test_one_trainer_step_reproduces_the_recorded_update(agent, compiled):
-    """Eager, and with ``compile_step`` (the fine-tuning losses and their backward as one torch.compile graph)."""
+def test_one_trainer_step_reproduces_the_recorded_update(agent, compiled, gemm_backend, monkeypatch):
+    """Eager, and with ``compile_step`` (the fine-tuning losses and their backward as one torch.compile graph); with
+    the GEMM kernel calibrated ("auto") or forced to either kernel (``gemm_backend``)."""
+    monkeypatch.delenv("TRQAM_GEMM", raising=False)
     fast = {"compile_step": True, "sde_solver": "fused"} if compiled else {}
-    model, maps, batch, a, meta = recorded_agent(agent, **fast)
+    model, maps, batch, a, meta = recorded_agent(agent, gemm_backend=gemm_backend, **fast)
     cfg = meta["config"]
     count = meta["state_set_by_harness"]["adam_count"]
     assert count == int(a["adam_count_before"])
@@ -46,6 +56,11 @@ def test_one_trainer_step_reproduces_the_recorded_update(agent, compiled):
         bc_calls, critic_calls = capture_calls(model.v_bc), capture_calls(model.critic)
         target_calls = capture_calls(model.target_critic)
     trainer = golden.one_trainer_step(model, maps, batch, a, ONLINE, count)
+    # the kernel was chosen once, at the first batch, and set on every network (the forced one where forced)
+    kernels = {m.gemm for m in model.modules() if hasattr(m, "gemm")}
+    assert model.gemm_choice is not None and kernels <= {"mkl", "onednn"}
+    if gemm_backend != "auto":
+        assert kernels == {gemm_backend}
 
     if compiled:  # the step ran through the compiled graph, not a silent eager fallback
         assert type(model) in adjoint_matching._COMPILED

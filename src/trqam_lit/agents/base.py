@@ -22,7 +22,8 @@ from trqam_lit.agents.evaluating import EVAL_METRICS, Evaluating
 from trqam_lit.agents.shared_losses import SharedLosses
 from trqam_lit.agents.step_logging import StepLogging
 from trqam_lit.agents.update_guard import UpdateGuard
-from trqam_lit.math.nets import CriticEnsemble, VelocityField
+from trqam_lit.math import gemm
+from trqam_lit.math.nets import CriticEnsemble, VelocityField, gemm_shapes, set_gemm_backend
 
 __all__ = ["EVAL_METRICS", "FlowAgent"]
 
@@ -59,6 +60,7 @@ class FlowAgent(UpdateGuard, RandomStreams, FromBC, SharedLosses, StepLogging, E
         init_from: str | None = None,
         bc_warmup_steps: int = 0,
         max_nonfinite_steps: int = 3,
+        gemm_backend: str = "auto",
     ) -> None:
         """
         Args:
@@ -84,10 +86,15 @@ class FlowAgent(UpdateGuard, RandomStreams, FromBC, SharedLosses, StepLogging, E
             max_nonfinite_steps: a step whose loss, path-KL estimate or gradient norm is NaN or inf is skipped
                 (weights, targets, lambda unchanged; counted in ``train/nonfinite_steps``); this many in a row stop
                 the run with an error naming the quantity.
+            gemm_backend: the float32 GEMM kernel of every network on CPU: "mkl" (ATen's default), "onednn", or
+                "auto": the faster at the networks' real shapes, timed once at the first training batch
+                (``configure_gemm``; docs/performance.md, "fp32 GEMM backend"). The environment variable
+                ``TRQAM_GEMM=mkl|onednn`` overrides it. Same numbers to float32 rounding; never applied to CUDA
+                tensors, under autocast or inside ``torch.compile``.
         """
         super().__init__()
         self.save_hyperparameters()
-        check_hparams(obs_dim, action_dim, flow_steps, max_nonfinite_steps, grad_clip_norm)
+        check_hparams(obs_dim, action_dim, flow_steps, max_nonfinite_steps, grad_clip_norm, gemm_backend)
         self.v_bc = VelocityField(obs_dim, action_dim, actor_hidden_dims, actor_layer_norm)
         self.build_policy()  # between v_bc and the critics: the order sets the initial weights of a seed
         if self.uses_critic:
@@ -101,6 +108,7 @@ class FlowAgent(UpdateGuard, RandomStreams, FromBC, SharedLosses, StepLogging, E
         self.init_evaluation()
         self.init_random_streams()
         self.init_update_guard()
+        self.gemm_choice: dict[str, dict] | None = None  # set once, by configure_gemm
 
     @staticmethod
     def _frozen_copy(net: nn.Module) -> nn.Module:
@@ -148,6 +156,32 @@ class FlowAgent(UpdateGuard, RandomStreams, FromBC, SharedLosses, StepLogging, E
             if dm is None or not hasattr(dm, "analytic_q"):
                 raise ValueError("analytic_critic=True needs a DataModule with an analytic reward (the toy bandit)")
             self.analytic_q = dm.analytic_q()
+
+    def configure_gemm(self, batch_rows: int) -> dict[str, dict]:
+        """Choose the float32 GEMM kernel of every network once (``gemm_backend``; ``TRQAM_GEMM`` wins) and set it on
+        them. "auto" times MKL against oneDNN, forward and backward, at the networks' weight shapes with ``batch_rows``
+        and ``flow_steps * batch_rows`` rows (the batch, and the AM loss's and the lean adjoint's K x B points) for
+        the linear layers, ``batch_rows`` for the critic ensembles; on another device than the CPU nothing is timed
+        (MKL, i.e. ATen's ops). Returns the choice (with the timings when calibrated), also kept as ``gemm_choice``."""
+        setting = gemm.forced_backend() or self.hparams.gemm_backend
+        if self.device.type != "cpu":
+            setting = "mkl"
+        if setting == "auto":
+            linear, ensemble = gemm_shapes(self)
+            rows = {batch_rows, self.flow_steps * batch_rows}
+            choice = gemm.calibrate(
+                [(r, i, o) for r in rows for i, o in linear], [(e, batch_rows, i, o) for e, i, o in ensemble]
+            )
+        else:
+            choice = {kind: {"choice": setting} for kind in ("linear", "ensemble")}
+        set_gemm_backend(self, choice["linear"]["choice"], choice["ensemble"]["choice"])
+        self.gemm_choice = choice
+        return choice
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self.gemm_choice is None:  # once per process, at the real batch size
+            self.configure_gemm(batch["observations"].shape[0])
+        super().on_train_batch_start(batch, batch_idx)
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]

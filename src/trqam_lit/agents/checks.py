@@ -6,11 +6,17 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
+from trqam_lit.math import gemm
 from trqam_lit.training import hardware
 
 
 def check_hparams(
-    obs_dim: int, action_dim: int, flow_steps: int, max_nonfinite_steps: int, grad_clip_norm: float | None
+    obs_dim: int,
+    action_dim: int,
+    flow_steps: int,
+    max_nonfinite_steps: int,
+    grad_clip_norm: float | None,
+    gemm_backend: str = "auto",
 ) -> None:
     """Raises ValueError naming the first impossible setting of FlowAgent's constructor."""
     if obs_dim <= 0 or action_dim <= 0:
@@ -24,6 +30,8 @@ def check_hparams(
         raise ValueError(f"max_nonfinite_steps must be >= 1, got {max_nonfinite_steps}")
     if grad_clip_norm is not None and not grad_clip_norm > 0:
         raise ValueError(f"grad_clip_norm must be positive or None (no clip), got {grad_clip_norm}")
+    if gemm_backend not in gemm.BACKENDS:
+        raise ValueError(f"gemm_backend must be one of {gemm.BACKENDS}, got {gemm_backend!r}")
 
 
 def check_trainer(trainer: pl.Trainer, device: torch.device, stage: str) -> None:

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from trqam_lit.math import gemm
+
 LAYER_NORM_EPS = 1e-6
 
 
@@ -96,14 +98,49 @@ class MLPLinearization:
     def vjp(self, index: int, grad: Tensor) -> Tensor:
         """grad^T d mlp(x[index]) / d x[index][..., in_cols] for the slice ``index`` of the leading dim."""
         with torch.no_grad():  # a context, not a decorator: torch.compile traces it (the fast path)
-            g = grad.to(self.mlp.out.weight.dtype) @ self.mlp.out.weight
+            out = self.mlp.out
+            g = gemm.matmul_weight(grad.to(out.weight.dtype), out.weight, out.gemm)
             for i in range(len(self.layers) - 1, -1, -1):
                 dact, x_hat, rstd = self.layers[i]
                 if x_hat is not None:
                     g = layer_norm_vjp(g, x_hat[index], rstd[index], self.mlp.norms[i].weight)
-                w = self.mlp.hidden[i].weight if i else self.mlp.hidden[0].weight[:, self.in_cols]
-                g = (g * dact[index]) @ w
+                lin = self.mlp.hidden[i]
+                w = lin.weight if i else lin.weight[:, self.in_cols]
+                g = gemm.matmul_weight(g * dact[index], w, lin.gemm)
         return g
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` whose GEMMs go through the kernel named by ``gemm`` ("mkl": ATen's default, or "onednn"; set by
+    the agent once, :mod:`trqam_lit.math.gemm`); the same parameters and state-dict keys."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__(in_features, out_features, bias)
+        self.gemm = gemm.default_backend()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return gemm.linear(x, self.weight, self.bias, self.gemm)
+
+
+def set_gemm_backend(module: nn.Module, linear: str, ensemble: str) -> None:
+    """Set the GEMM kernel of every :class:`Linear` (``linear``) and :class:`EnsembleLinear` (``ensemble``) inside
+    ``module``: "mkl" or "onednn"."""
+    for name in (linear, ensemble):
+        if name not in ("mkl", "onednn"):
+            raise ValueError(f"GEMM backend must be 'mkl' or 'onednn', got {name!r}")
+    for m in module.modules():
+        if isinstance(m, Linear):
+            m.gemm = linear
+        elif isinstance(m, EnsembleLinear):
+            m.gemm = ensemble
+
+
+def gemm_shapes(module: nn.Module) -> tuple[set[tuple[int, int]], set[tuple[int, int, int]]]:
+    """The distinct weight shapes inside ``module``: (in, out) of its :class:`Linear` layers, (members, in, out) of
+    its :class:`EnsembleLinear` layers (what :func:`trqam_lit.math.gemm.calibrate` times)."""
+    linear = {(m.in_features, m.out_features) for m in module.modules() if isinstance(m, Linear)}
+    ensemble = {tuple(m.weight.shape) for m in module.modules() if isinstance(m, EnsembleLinear)}
+    return linear, ensemble
 
 
 class MLP(nn.Module):
@@ -112,9 +149,9 @@ class MLP(nn.Module):
     def __init__(self, in_dim: int, hidden_dims: Sequence[int], out_dim: int, layer_norm: bool = False) -> None:
         super().__init__()
         dims = [in_dim, *hidden_dims]
-        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:], strict=True))
+        self.hidden = nn.ModuleList(Linear(a, b) for a, b in zip(dims[:-1], dims[1:], strict=True))
         self.norms = nn.ModuleList(nn.LayerNorm(d, eps=LAYER_NORM_EPS) for d in hidden_dims) if layer_norm else None
-        self.out = nn.Linear(dims[-1], out_dim)
+        self.out = Linear(dims[-1], out_dim)
         for lin in [*self.hidden, self.out]:
             nn.init.xavier_uniform_(lin.weight)
             nn.init.zeros_(lin.bias)
@@ -184,12 +221,11 @@ class EnsembleLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_members, out_dim))
         bound = math.sqrt(6.0 / (in_dim + out_dim))  # Xavier-uniform per member
         nn.init.uniform_(self.weight, -bound, bound)
+        self.gemm = gemm.default_backend()  # the kernel, set by the agent once (trqam_lit.math.gemm)
 
     def forward(self, x: Tensor) -> Tensor:
         # x: (B, in) shared by all members, or (E, B, in) per member.
-        if x.dim() == 2:
-            return torch.einsum("bi,eio->ebo", x, self.weight) + self.bias[:, None, :]
-        return torch.baddbmm(self.bias[:, None, :], x, self.weight)
+        return gemm.ensemble_linear(x, self.weight, self.bias, self.gemm)
 
 
 class EnsembleLayerNorm(nn.Module):
@@ -279,7 +315,8 @@ class CriticEnsemble(nn.Module):
                         g, h, [h.shape[-1]], mean, rstd, None, None, [True, False, False]
                     )[0]
                 g = aten.gelu_backward(g.to(pre.dtype), pre, approximate="tanh")
-                g = torch.bmm(g, self.hidden[i].weight.transpose(1, 2).to(g.dtype))
+                lin = self.hidden[i]
+                g = gemm.ensemble_matmul_weight_t(g, lin.weight.to(g.dtype), lin.gemm)
             return g.sum(dim=0)[..., obs_dim : obs_dim + act_dim].float()
 
 
@@ -311,9 +348,9 @@ class TanhGaussianPolicy(nn.Module):
     ) -> None:
         super().__init__()
         dims = [in_dim, *hidden_dims]
-        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:], strict=True))
-        self.mean = nn.Linear(dims[-1], action_dim)
-        self.log_std = nn.Linear(dims[-1], action_dim)
+        self.hidden = nn.ModuleList(Linear(a, b) for a, b in zip(dims[:-1], dims[1:], strict=True))
+        self.mean = Linear(dims[-1], action_dim)
+        self.log_std = Linear(dims[-1], action_dim)
         self.log_std_min, self.log_std_max = log_std_min, log_std_max
         for lin in [*self.hidden, self.mean, self.log_std]:
             nn.init.xavier_uniform_(lin.weight)
