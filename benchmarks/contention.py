@@ -1,6 +1,6 @@
 """Training steps/s on a quiet machine and beside a competing CPU-bound process, per thread setting.
 
-    python benchmarks/contention.py                                  # CPU-small B 64 TRQAM, threads 1 and all
+    python benchmarks/contention.py                                  # CPU-small B 64 TRQAM: default, 1 and all
     python benchmarks/contention.py --threads 1 2 --wait-policies default passive spin:10000 --setting paper
 
 For each (threads, OpenMP wait policy) the same measurement (``throughput.py``'s, in a fresh process) runs twice:
@@ -23,10 +23,13 @@ HERE = Path(__file__).resolve().parent
 
 
 def _env(threads: int, policy: str) -> dict[str, str]:
-    """``active`` / ``passive`` set OMP_WAIT_POLICY; ``spin:N`` sets GOMP_SPINCOUNT=N (libgomp, torch's OpenMP)."""
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": str(threads)}
-    for key in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
+    """``active`` / ``passive`` set OMP_WAIT_POLICY; ``spin:N`` sets GOMP_SPINCOUNT=N (libgomp, torch's OpenMP).
+    threads 0: no thread setting at all, what a user gets by default (training.threads.ThreadBudget decides)."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    for key in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "TRQAM_THREADS"):
         env.pop(key, None)
+    if threads > 0:
+        env["OMP_NUM_THREADS"] = str(threads)
     if policy.startswith("spin:"):
         env["GOMP_SPINCOUNT"] = policy.split(":", 1)[1]
     elif policy != "default":
@@ -44,7 +47,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--setting", default="cpu-small-b64")
     parser.add_argument("--agent", default="trqam")
-    parser.add_argument("--threads", type=int, nargs="*", default=sorted({1, os.cpu_count() or 1}))
+    parser.add_argument("--threads", type=int, nargs="*", default=[0, *sorted({1, os.cpu_count() or 1})],
+                        help="0: no thread setting (the default path: training.threads.ThreadBudget sizes them)")
     parser.add_argument(
         "--wait-policies", nargs="*", default=["default", "passive"], help="default, active, passive or spin:N"
     )

@@ -75,6 +75,7 @@ def measure(
     from torch.utils.data import DataLoader, IterableDataset
 
     from trqam_lit.training.callbacks import MatmulPrecision
+    from trqam_lit.training.threads import ThreadBudget
 
     batch, obs, act, horizon, width, critics, K = SETTINGS[setting]
 
@@ -119,7 +120,7 @@ def measure(
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[timer, MatmulPrecision(matmul_precision)],
+        callbacks=[timer, MatmulPrecision(matmul_precision), ThreadBudget()],  # ThreadBudget: as the CLI's default
     )
     trainer.fit(model, train_dataloaders=DataLoader(Synthetic(), batch_size=None))
     rates = [steps / (b - a) for a, b in zip(timer.marks[:-1], timer.marks[1:], strict=True)]

@@ -12,6 +12,7 @@ from trqam_lit.agents import FlowAgent
 from trqam_lit.training.callbacks import Checkpoint, EvaluationSummary, FinalEvaluation, StepsPerSecond
 from trqam_lit.training.checkpoint import AtomicCheckpointIO, check_checkpoint_file
 from trqam_lit.training.online import OnlinePhase
+from trqam_lit.training.threads import ThreadBudget
 
 
 class TRQAMCLI(LightningCLI):
@@ -104,7 +105,7 @@ def trainer_defaults() -> dict:
             "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
             "init_args": {"save_dir": "runs", "name": None, "default_hp_metric": False},  # name: name_the_run
         },
-        "callbacks": [FinalEvaluation(), StepsPerSecond(), EvaluationSummary()],
+        "callbacks": [FinalEvaluation(), StepsPerSecond(), EvaluationSummary(), ThreadBudget()],
         "plugins": [AtomicCheckpointIO()],  # a run killed while saving never leaves a half-written last.ckpt
         "val_check_interval": 1000,
         "num_sanity_val_steps": 0,  # an evaluation is a batch of episodes: never run one just as a sanity check
