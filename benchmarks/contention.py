@@ -47,8 +47,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--setting", default="cpu-small-b64")
     parser.add_argument("--agent", default="trqam")
-    parser.add_argument("--threads", type=int, nargs="*", default=[0, *sorted({1, os.cpu_count() or 1})],
-                        help="0: no thread setting (the default path: training.threads.ThreadBudget sizes them)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        nargs="*",
+        default=[0, *sorted({1, os.cpu_count() or 1})],
+        help="0: no thread setting (the default path: training.threads.ThreadBudget sizes them)",
+    )
     parser.add_argument(
         "--wait-policies", nargs="*", default=["default", "passive"], help="default, active, passive or spin:N"
     )

@@ -10,7 +10,7 @@ import pytest
 from helpers import CONFIGS, assert_dual_descent, fast_trainer_args, read_scalars, run_cli, run_dir
 from trqam_lit.agents import AGENTS
 
-QUICK = str(CONFIGS / "quickstart.yaml")
+QUICK = str(CONFIGS / "quickstart-scene.yaml")
 SMALL = [
     "--data.init_args.env_name=cube-single-play-singletask-task5-v0",  # short episodes (the quickstart's are 750)
     "--model.init_args.bc_warmup_steps=5",
@@ -24,7 +24,7 @@ CONTRACT = ("critic/critic_loss", "critic/q_mean", "critic/q_min", "actor/bc_los
             "dual/kl", "dual/kl_clipped", "dual/kl_ema", "dual/lambda", "train/grad_norm", "train/nonfinite_steps",
             "eval/success", "eval/return", "eval/length")  # fmt: skip
 WARMUP, STEPS = 5, 12  # SMALL's bc_warmup_steps; the fixture run's max_steps (and val_check_interval)
-EPS_KL, ETA = 1.0, 0.01  # configs/quickstart.yaml's eps_kl; eta: TRQAM's default
+EPS_KL, ETA = 1.0, 0.01  # configs/quickstart-scene.yaml's eps_kl; eta: TRQAM's default
 ENV_ID = "cube-single-singletask-task5-v0"  # the environment of SMALL's cube-single-play-... dataset
 
 

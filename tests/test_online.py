@@ -22,7 +22,7 @@ from trqam_lit.data import ReplayBuffer, fixture_path, load_table
 from trqam_lit.data.toy import ToyBanditDataModule
 from trqam_lit.training.online import OnlinePhase
 
-QUICK = str(CONFIGS / "quickstart.yaml")
+QUICK = str(CONFIGS / "quickstart-scene.yaml")
 TOY = str(CONFIGS / "online" / "toy-bandit.yaml")
 CUBE = "cube-single-play-singletask-task5-v0"
 TINY = [

@@ -22,7 +22,7 @@ import torch
 from helpers import CONFIGS, read_scalars, run_cli
 from trqam_lit.agents import AGENTS
 
-QUICK = str(CONFIGS / "quickstart.yaml")
+QUICK = str(CONFIGS / "quickstart-scene.yaml")
 CUBE = "cube-single-play-singletask-task5-v0"  # the fixture with the shortest episodes (the quickstart's are 750)
 
 

@@ -162,7 +162,7 @@ def test_the_shipped_fixtures_are_small_and_load_into_batches():
         assert batch["observations"].abs().max() <= 1.0 + 1e-5
         assert (batch["rewards"] <= 0).all() and (batch["rewards"] >= -5).all()
         assert dm.table.rewards.max() == 0.0 and dm.table.rewards.min() == -1.0
-    assert total < 2 * 2**20, f"fixtures {total / 2**20:.2f} MB"
+    assert total < 3.5 * 2**20, f"fixtures {total / 2**20:.2f} MB"  # lift's 25 demos (the quickstart's): 1.7 MB
 
 
 @pytest.fixture(scope="module")
