@@ -1,7 +1,7 @@
 """Training throughput (steps/s, peak memory) of every agent of trqam_lit.agents.AGENTS, and evaluation environment
 steps/s.
 
-    python benchmarks/throughput.py                       # every setting, CPU
+    python benchmarks/throughput.py                       # every setting and agent, CPU, each agent's default path
     python benchmarks/throughput.py --settings cpu-small-b64 --agents trqam --solvers fused torchsde
     python benchmarks/throughput.py --device cuda --precision bf16-mixed --settings paper
     python benchmarks/throughput.py --eval-env cube-single-play-singletask-task1-v0
@@ -66,7 +66,7 @@ def measure(
     warmup: int,
     device: str,
     precision: str,
-    compiled: bool = False,
+    compiled: bool | None = None,
     repeats: int = 1,
     matmul_precision: str = "ieee",
 ) -> dict:
@@ -106,8 +106,9 @@ def measure(
     agents, sde_agents = registry()
     cls = agents[agent]  # every agent at its defaults
     rl = dict(critic_hidden_dims=[width] * 4, num_critics=critics) if cls.uses_critic else {}
-    if agent in sde_agents:
-        rl.update(sde_solver=solver, compile_step=compiled)
+    if agent in sde_agents:  # "default" / None: what the agent's defaults give (the path a config gets by default)
+        rl.update({} if solver == "default" else {"sde_solver": solver})
+        rl.update({} if compiled is None else {"compile_step": compiled})
     model = cls(**common, **rl)
     timer = Timer()
     trainer = pl.Trainer(
@@ -127,10 +128,10 @@ def measure(
     out = {
         "setting": setting,
         "agent": agent,
-        "solver": solver if agent in sde_agents else None,
+        "solver": model.hparams.sde_solver if agent in sde_agents else None,
         "device": device,
         "precision": precision,
-        "compiled": compiled,
+        "compiled": getattr(model, "compiles", False),
         "matmul_precision": matmul_precision,
         "threads": torch.get_num_threads(),
         "steps_per_sec": round(statistics.median(rates), 3),
@@ -226,15 +227,20 @@ def main() -> None:
     parser.add_argument("--settings", nargs="*", default=list(SETTINGS), choices=list(SETTINGS))
     agents, sde_agents = registry()
     parser.add_argument("--agents", nargs="*", default=list(agents), choices=list(agents))
-    parser.add_argument("--solvers", nargs="*", default=["fused", "torchsde"], choices=["fused", "torchsde"])
+    parser.add_argument(
+        "--solvers", nargs="*", default=["default"], choices=["default", "fused", "torchsde"],
+        help="default: the agent's own (no --solvers, --compile or --precision: the path a config gets by default)",
+    )  # fmt: skip
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3, help="timed windows of --steps steps; the median is reported")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--precision", default="32-true")
     parser.add_argument(
-        "--compile", action="store_true", help="compile_step=True for the AM agents (with --solvers fused only)"
-    )
+        "--compile", action="store_true", default=None,
+        help="compile_step=True for the AM agents (with --solvers fused only); without it, the agents' default (auto: "
+        "eager for a benchmark's few steps)",
+    )  # fmt: skip
     parser.add_argument(
         "--matmul-precision",
         default="ieee",
@@ -260,7 +266,7 @@ def main() -> None:
         return
     for setting in args.settings:
         for agent in args.agents:
-            for solver in args.solvers if agent in sde_agents else ["fused"]:
+            for solver in args.solvers if agent in sde_agents else ["default"]:
                 one = f"{setting},{agent},{solver}"
                 cmd = [sys.executable, __file__, "--one", one, "--steps", str(args.steps), "--warmup", str(args.warmup)]
                 cmd += ["--repeats", str(args.repeats)]

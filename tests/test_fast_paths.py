@@ -84,3 +84,59 @@ def test_scalars_are_logged_on_logging_steps_only_and_the_dual_steps_every_updat
 def test_compile_step_needs_the_fused_solver():
     with pytest.raises(ValueError, match="compile_step=True needs sde_solver='fused'"):
         TRQAM(obs_dim=OBS, action_dim=ACT, compile_step=True, sde_solver="torchsde")
+    with pytest.raises(ValueError, match="compile_step must be"):
+        TRQAM(obs_dim=OBS, action_dim=ACT, compile_step="sometimes")
+
+
+@pytest.mark.parametrize(
+    ("solver", "device", "max_steps", "warmup", "compiles"),
+    [
+        ("fused", "cpu", 6000, 1000, True),  # 5,000 fine-tuning steps planned: the threshold
+        ("fused", "cpu", 5999, 1000, False),
+        ("fused", "cpu", -1, 0, False),  # no step budget (epochs): nothing to weigh the compilation against
+        ("torchsde", "cpu", 10**6, 0, False),  # torchsde's solver loop is not traced: stays eager
+        ("fused", "cuda", 10**6, 0, False),  # compiled on CPU only (not measured on GPUs)
+    ],
+)
+def test_compile_step_auto_compiles_long_cpu_fits_with_the_fused_solver(solver, device, max_steps, warmup, compiles):
+    from trqam_lit.agents.adjoint_matching import AUTO_COMPILE_MIN_STEPS
+
+    assert AUTO_COMPILE_MIN_STEPS == 5000
+    model = TRQAM(obs_dim=OBS, action_dim=ACT, sde_solver=solver, bc_warmup_steps=warmup)
+    assert model.hparams.compile_step == "auto" and model.compiles is False  # auto: eager until a fit decides
+    assert model.resolve_compile_step(torch.device(device), max_steps) is compiles
+    assert model.compiles is compiles
+    explicit = TRQAM(obs_dim=OBS, action_dim=ACT, sde_solver="fused", compile_step=False)
+    assert explicit.resolve_compile_step(torch.device("cpu"), 10**6) is False
+
+
+def test_a_short_fit_with_compile_step_auto_stays_eager():
+    dm = ToyBanditDataModule(action_dim=1, batch_size=16)
+    model = TRQAM(obs_dim=dm.obs_dim, action_dim=dm.chunk_dim, horizon=1, actor_hidden_dims=[8],
+                  critic_hidden_dims=[8], num_critics=2, analytic_critic=True, bc_warmup_steps=2,
+                  sde_solver="fused")  # fmt: skip
+    trainer = pl.Trainer(accelerator="cpu", max_steps=6, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)  # fmt: skip
+    trainer.fit(model, dm)
+    assert model.compiles is False
+    assert model.step_losses().__func__ is TRQAM.fine_tune_losses
+
+
+@pytest.mark.slow
+def test_a_long_fit_with_compile_step_auto_compiles_and_says_so(monkeypatch, capsys):
+    from trqam_lit.agents import adjoint_matching
+
+    monkeypatch.setattr(adjoint_matching, "AUTO_COMPILE_MIN_STEPS", 4)  # "long": 4 fine-tuning steps
+    monkeypatch.setattr(adjoint_matching, "_COMPILED", {})
+    dm = ToyBanditDataModule(action_dim=1, batch_size=16)
+    model = TRQAM(obs_dim=dm.obs_dim, action_dim=dm.chunk_dim, horizon=1, actor_hidden_dims=[8],
+                  critic_hidden_dims=[8], num_critics=2, analytic_critic=True, bc_warmup_steps=2,
+                  sde_solver="fused")  # fmt: skip
+    trainer = pl.Trainer(accelerator="cpu", max_steps=6, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)  # fmt: skip
+    trainer.fit(model, dm)
+    assert model.compiles is True and TRQAM in adjoint_matching._COMPILED
+    out = capsys.readouterr()
+    log = out.out + out.err
+    assert "compile_step auto: 4 fine-tuning steps planned" in log
+    assert "compiling TRQAM's fine-tuning step" in log and "compiled TRQAM's fine-tuning step in" in log
