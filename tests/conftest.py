@@ -6,6 +6,11 @@ from __future__ import annotations
 
 import os
 
+# Every training a test starts keeps its thread count (training.threads.ThreadBudget off): tests compare runs
+# bitwise, and a thread count that follows the machine's load would make them depend on what else runs.
+# tests/test_threads.py sets the variable itself.
+os.environ["TRQAM_THREADS"] = "fixed"
+
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["OMP_NUM_THREADS"] = "1"
     os.environ["MKL_NUM_THREADS"] = "1"

@@ -42,7 +42,16 @@ def args(root: Path, agent: str, *extra: str) -> list[str]:
         "--trainer.limit_val_batches=0", "--trainer.log_every_n_steps=10",
         "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
         f"--trainer.logger.init_args.save_dir={root}", *extra,
+        *compile_pinned(agent),
     ]  # fmt: skip
+
+
+def compile_pinned(agent: str) -> list[str]:
+    """compile_step false for the adjoint-matching agents: "auto" decides from the planned steps, and the killed run
+    (max_steps 100000) plans more than the straight one; a compiled step rounds differently from the eager one."""
+    from trqam_lit.agents import AdjointMatchingAgent
+
+    return ["--model.init_args.compile_step=false"] if issubclass(AGENTS[agent], AdjointMatchingAgent) else []
 
 
 def checkpoint(root: Path, name: str) -> dict:

@@ -9,23 +9,23 @@ thread per free core (at least one). Two trainings started side by side each set
 the other takes the machine back.
 
 Linux only (elsewhere, or when the counters cannot be read, it leaves torch's threads alone). Switched off when the
-user chose the threads: ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` set, or ``TRQAM_THREADS=fixed``. Numbers do not
-depend on it at the shapes we checked (a step with 1 and 2 threads is bitwise the same, tests/test_threads.py).
+user chose the threads: ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` set, or ``TRQAM_THREADS=fixed``. A TRQAM step at
+the CPU-small shapes is bitwise the same with 1 and 2 threads (tests/test_threads.py), but not every kernel at every
+shape is (a GEMM may split its reduction over threads): for runs that must match bit for bit (a rerun, a resume on a
+machine whose load changed), fix the thread count. Each change is announced on stderr.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-
-log = logging.getLogger(__name__)
 
 ENV_VAR = "TRQAM_THREADS"
 USER_THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
@@ -146,6 +146,9 @@ class ThreadBudget(pl.Callback):
         if threads != torch.get_num_threads():
             if not self.history:
                 self.history.append((trainer.global_step, torch.get_num_threads()))
-            log.info("other processes busy: %d intra-op thread(s) from step %d", threads, trainer.global_step)
+            if trainer.is_global_zero:
+                print(f"trqam-lit: {threads} intra-op thread(s) from step {trainer.global_step}: the other processes "
+                      f"leave {threads} of {self._capacity} cores free (OMP_NUM_THREADS fixes the count)",
+                      file=sys.stderr, flush=True)  # fmt: skip
             torch.set_num_threads(threads)
             self.history.append((trainer.global_step, threads))
