@@ -47,6 +47,22 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 600, env: dict | None =
     )
 
 
+def toy_fit(steps: int, callbacks: list | None = None) -> tuple[pl.LightningModule, pl.Trainer]:
+    """A tiny TRQAM (fused solver, analytic critic, 2 BC warm-up steps) fitted for ``steps`` steps on the toy bandit
+    by a bare Trainer (no logger, checkpoints or evaluation): the real fit loop and hooks, in under a second."""
+    from trqam_lit.agents import TRQAM
+    from trqam_lit.data import ToyBanditDataModule
+
+    dm = ToyBanditDataModule(action_dim=1, batch_size=16)
+    model = TRQAM(obs_dim=dm.obs_dim, action_dim=dm.chunk_dim, horizon=1, actor_hidden_dims=[8], critic_hidden_dims=[8],
+                  num_critics=2, analytic_critic=True, bc_warmup_steps=2, sde_solver="fused")  # fmt: skip
+    trainer = pl.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                         callbacks=callbacks or [])  # fmt: skip
+    trainer.fit(model, dm)
+    return model, trainer
+
+
 def fast_trainer_args(root: Path, max_steps: int, val_every: int) -> list[str]:
     return [
         f"--trainer.max_steps={max_steps}",

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from helpers import read_scalars
+from helpers import read_scalars, toy_fit
 from trqam_lit.agents import TRQAM
 from trqam_lit.data.toy import ToyBanditDataModule
 from trqam_lit.math.adjoint import lean_adjoint
@@ -111,13 +111,7 @@ def test_compile_step_auto_compiles_long_cpu_fits_with_the_fused_solver(solver, 
 
 
 def test_a_short_fit_with_compile_step_auto_stays_eager():
-    dm = ToyBanditDataModule(action_dim=1, batch_size=16)
-    model = TRQAM(obs_dim=dm.obs_dim, action_dim=dm.chunk_dim, horizon=1, actor_hidden_dims=[8],
-                  critic_hidden_dims=[8], num_critics=2, analytic_critic=True, bc_warmup_steps=2,
-                  sde_solver="fused")  # fmt: skip
-    trainer = pl.Trainer(accelerator="cpu", max_steps=6, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)  # fmt: skip
-    trainer.fit(model, dm)
+    model, _ = toy_fit(6)
     assert model.compiles is False
     assert model.step_losses().__func__ is TRQAM.fine_tune_losses
 
@@ -128,13 +122,7 @@ def test_a_long_fit_with_compile_step_auto_compiles_and_says_so(monkeypatch, cap
 
     monkeypatch.setattr(adjoint_matching, "AUTO_COMPILE_MIN_STEPS", 4)  # "long": 4 fine-tuning steps
     monkeypatch.setattr(adjoint_matching, "_COMPILED", {})
-    dm = ToyBanditDataModule(action_dim=1, batch_size=16)
-    model = TRQAM(obs_dim=dm.obs_dim, action_dim=dm.chunk_dim, horizon=1, actor_hidden_dims=[8],
-                  critic_hidden_dims=[8], num_critics=2, analytic_critic=True, bc_warmup_steps=2,
-                  sde_solver="fused")  # fmt: skip
-    trainer = pl.Trainer(accelerator="cpu", max_steps=6, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)  # fmt: skip
-    trainer.fit(model, dm)
+    model, _ = toy_fit(6)
     assert model.compiles is True and TRQAM in adjoint_matching._COMPILED
     out = capsys.readouterr()
     log = out.out + out.err

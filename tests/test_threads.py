@@ -7,10 +7,10 @@ import os
 import sys
 import time
 
-import lightning.pytorch as pl
 import pytest
 import torch
 
+from helpers import toy_fit
 from trqam_lit.training import threads
 from trqam_lit.training.threads import CpuTimes, ThreadBudget, free_cores, read_cpu_times, threads_for
 
@@ -82,19 +82,6 @@ def test_the_real_counters_see_this_process_and_its_neighbours():
     assert threads_for(free, len(cores)) <= max(1, len(cores) // 2)
 
 
-def _toy_trainer(budget: ThreadBudget, steps: int) -> tuple[pl.Trainer, pl.LightningModule, pl.LightningDataModule]:
-    from trqam_lit.agents import TRQAM
-    from trqam_lit.data import ToyBanditDataModule
-
-    dm = ToyBanditDataModule(action_dim=1, batch_size=16)
-    model = TRQAM(obs_dim=dm.obs_dim, action_dim=dm.chunk_dim, horizon=1, actor_hidden_dims=[8], critic_hidden_dims=[8],
-                  num_critics=2, analytic_critic=True, bc_warmup_steps=2, sde_solver="fused")  # fmt: skip
-    trainer = pl.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                         callbacks=[budget])  # fmt: skip
-    return trainer, model, dm
-
-
 def test_a_training_gives_up_threads_while_others_are_busy_and_takes_them_back(monkeypatch):
     for var in threads.USER_THREAD_VARS:
         monkeypatch.delenv(var, raising=False)
@@ -111,11 +98,10 @@ def test_a_training_gives_up_threads_while_others_are_busy_and_takes_them_back(m
     readings.insert(0, CpuTimes(0.0, 0.0, 0.0))  # setup's check that the counters can be read
     monkeypatch.setattr(threads, "read_cpu_times", lambda cores: readings.pop(0))
     budget = ThreadBudget(interval=0.0)
-    trainer, model, dm = _toy_trainer(budget, steps=len(others))
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        trainer.fit(model, dm)
+        toy_fit(len(others), [budget])
         seen, after = budget.history, torch.get_num_threads()
     finally:
         torch.set_num_threads(before)
@@ -141,8 +127,7 @@ def test_a_user_choice_of_threads_switches_it_off(monkeypatch):
         threads.user_chose_threads()
     monkeypatch.setenv(threads.ENV_VAR, "fixed")
     budget = ThreadBudget(interval=0.0)
-    trainer, model, dm = _toy_trainer(budget, steps=3)
-    trainer.fit(model, dm)
+    toy_fit(3, [budget])
     assert budget.enabled is False and budget.history == []
 
 

@@ -127,12 +127,9 @@ class ThreadBudget(pl.Callback):
         except (OSError, ValueError, IndexError):
             self.enabled = False  # no /proc (not Linux): torch's own default stays
 
-    def _measure(self) -> CpuTimes:
-        return read_cpu_times(self._cores)
-
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.enabled and self._last is None:
-            self._last = self._measure()
+            self._last = read_cpu_times(self._cores)
 
     def on_validation_start(self, trainer, pl_module) -> None:
         self._last = None  # evaluation's own pattern (environment workers) says nothing about training's neighbours
@@ -140,7 +137,7 @@ class ThreadBudget(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if not self.enabled or self._last is None or time.monotonic() - self._last.wall < self.interval:
             return
-        now = self._measure()
+        now = read_cpu_times(self._cores)
         threads = threads_for(free_cores(self._last, now, self._capacity), self._capacity)
         self._last = now
         if threads != torch.get_num_threads():
