@@ -463,3 +463,20 @@ def test_report_table_aggregates_seeds_then_tasks_then_domains(tmp_path, monkeyp
     assert "| agent | d1/t1 | d1/t2 | d2/t1 | d1 (mean) | d2 (mean) | all |" in table
     # d1 = mean(30, 60) = 45, d2 = 90, all = mean(45, 90) = 67.5 (not the mean of the three tasks, 60)
     assert "| 45.0 | 90.0 | 67.5 |" in table
+
+
+def test_overrides_name_each_runs_own_seed_task_and_agent(tmp_path, monkeypatch):
+    """A paired grid: every seed of every agent starts from that seed's BC checkpoint (``{seed}`` in an override)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.yaml").write_text("# a\n")
+    (tmp_path / "grid.yaml").write_text(
+        "name: paired\nseeds: [0, 3]\noverrides: ['--init_from=bc/{task}/seed{seed}/last.ckpt']\n"
+        "agents:\n  qam: {config: a.yaml, overrides: ['--tag={agent}-{seed}', '--json={\"k\": 1}']}\n"
+        "tasks:\n  t1: ['--name={task}']\n"
+    )
+    runs = Grid.load(tmp_path / "grid.yaml").runs
+    assert [r.overrides for r in runs] == [
+        ("--init_from=bc/t1/seed0/last.ckpt", "--tag=qam-0", '--json={"k": 1}', "--name=t1"),
+        ("--init_from=bc/t1/seed3/last.ckpt", "--tag=qam-3", '--json={"k": 1}', "--name=t1"),
+    ]
+    assert "--init_from=bc/t1/seed3/last.ckpt" in runs[1].fit_args()

@@ -18,6 +18,9 @@ A grid file (YAML)::
       c3: [--data.init_args.c=3.0]
     seeds: [0, 1, 2]
 
+In any override, ``{agent}``, ``{task}`` and ``{seed}`` become the run's own: a paired grid starts each seed from that
+seed's checkpoint, ``--model.init_args.init_from=runs/bc/bc/task1/seed{seed}/checkpoints/last.ckpt``.
+
 Each run is a real ``trqam-lit fit`` in its own process, with its TensorBoard events, checkpoints and output
 (``train.log``) in its own directory. A finished run (``done.json``) is skipped; a killed one resumes from its
 ``checkpoints/last.ckpt``; a failed one is reported with its log path and does not stop the others.

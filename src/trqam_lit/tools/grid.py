@@ -13,6 +13,16 @@ from pathlib import Path
 import yaml
 
 DONE = "done.json"
+PLACEHOLDERS = ("{agent}", "{task}", "{seed}")
+
+
+def fill_placeholders(override: str, agent: str, task: str, seed: int) -> str:
+    """An override with ``{agent}``, ``{task}`` and ``{seed}`` replaced by the run's (for paired runs: each seed's
+    fine-tuning starts from that seed's BC checkpoint, ``--model.init_args.init_from=.../seed{seed}/...``). Only these
+    three are replaced; other braces (a JSON value) are left as they are."""
+    for key, value in (("{agent}", agent), ("{task}", task), ("{seed}", str(seed))):
+        override = override.replace(key, value)
+    return override
 
 
 @dataclass(frozen=True)
@@ -142,7 +152,10 @@ class Grid:
                     raise FileNotFoundError(f"{path}: config of agent '{agent}' not found: {config}")
             for task, task_overrides in tasks.items():
                 for seed in spec["seeds"]:
-                    overrides = (*common, *(entry.get("overrides") or ()), *(task_overrides or ()))
+                    overrides = tuple(
+                        fill_placeholders(o, agent=agent, task=str(task), seed=int(seed))
+                        for o in (*common, *(entry.get("overrides") or ()), *(task_overrides or ()))
+                    )
                     run_dir = root / agent / str(task) / f"seed{int(seed)}"
                     runs.append(Run(agent, str(task), int(seed), configs, overrides, run_dir))
         return cls(spec["name"], root, runs)
