@@ -47,9 +47,12 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 600, env: dict | None =
     )
 
 
-def toy_fit(steps: int, callbacks: list | None = None) -> tuple[pl.LightningModule, pl.Trainer]:
+def toy_fit(
+    steps: int, callbacks: list | None = None, ckpt_path: str | None = None
+) -> tuple[pl.LightningModule, pl.Trainer]:
     """A tiny TRQAM (fused solver, analytic critic, 2 BC warm-up steps) fitted for ``steps`` steps on the toy bandit
-    by a bare Trainer (no logger, checkpoints or evaluation): the real fit loop and hooks, in under a second."""
+    by a bare Trainer (no logger, checkpoints or evaluation): the real fit loop and hooks, in under a second;
+    ``ckpt_path`` resumes from a checkpoint (``trainer.save_checkpoint``)."""
     from trqam_lit.agents import TRQAM
     from trqam_lit.data import ToyBanditDataModule
 
@@ -59,7 +62,7 @@ def toy_fit(steps: int, callbacks: list | None = None) -> tuple[pl.LightningModu
     trainer = pl.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                          callbacks=callbacks or [])  # fmt: skip
-    trainer.fit(model, dm)
+    trainer.fit(model, dm, ckpt_path=ckpt_path)
     return model, trainer
 
 

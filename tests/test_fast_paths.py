@@ -116,6 +116,28 @@ def test_a_short_fit_with_compile_step_auto_stays_eager():
     assert model.step_losses().__func__ is TRQAM.fine_tune_losses
 
 
+def test_a_resumed_fit_keeps_the_compile_decision_of_its_checkpoint(monkeypatch, tmp_path, capsys):
+    """compile_step auto decides from the planned steps; a resume that plans more (a larger max_steps) keeps the
+    checkpoint's path, since compiled and eager steps round differently (the exact resume)."""
+    from trqam_lit.agents import adjoint_matching
+
+    monkeypatch.setattr(adjoint_matching, "AUTO_COMPILE_MIN_STEPS", 10)
+    model, trainer = toy_fit(4)  # 2 fine-tuning steps planned: eager
+    assert model.compiles is False
+    trainer.save_checkpoint(tmp_path / "short.ckpt")
+    assert torch.load(tmp_path / "short.ckpt", weights_only=False)["compile_step_resolved"] is False
+    resumed, trainer = toy_fit(14, ckpt_path=str(tmp_path / "short.ckpt"))  # 12 planned: auto alone would compile
+    assert trainer.global_step == 14 and resumed.compiles is False
+    assert "compile_step auto" not in capsys.readouterr().err
+    fresh = TRQAM(obs_dim=OBS, action_dim=ACT, sde_solver="fused", bc_warmup_steps=2)
+    fresh.on_load_checkpoint({"compile_step_resolved": True, "state_dict": {}})
+    assert fresh.resolve_compile_step(torch.device("cpu"), 5) is True  # and the other way round
+    assert "as the run this checkpoint comes from decided" in capsys.readouterr().err
+    older = TRQAM(obs_dim=OBS, action_dim=ACT, sde_solver="fused", bc_warmup_steps=2)
+    older.on_load_checkpoint({"state_dict": {}})  # a checkpoint written before the decision was recorded: decide
+    assert older.resolve_compile_step(torch.device("cpu"), 100) is True
+
+
 @pytest.mark.slow
 def test_a_long_fit_with_compile_step_auto_compiles_and_says_so(monkeypatch, capsys):
     from trqam_lit.agents import adjoint_matching

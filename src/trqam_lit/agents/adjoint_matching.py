@@ -61,6 +61,7 @@ class AdjointMatchingAgent(FlowAgent):
         if compile_step not in (True, False, "auto"):
             raise ValueError(f"compile_step must be true, false or 'auto' (got {compile_step!r})")
         self.compiles = compile_step is True  # resolved for "auto" when a fit starts (resolve_compile_step)
+        self._checkpoint_compiles: bool | None = None  # "auto"'s decision as a resumed checkpoint recorded it
         if compile_step is True and sde_solver != "fused":
             raise ValueError(
                 f"compile_step=True needs sde_solver='fused' (got {sde_solver!r}): torch.compile traces the fused "
@@ -151,9 +152,15 @@ class AdjointMatchingAgent(FlowAgent):
     def resolve_compile_step(self, device: torch.device, max_steps: int | None) -> bool:
         """Whether this fit compiles the step (``compile_step``): True / False as given; "auto" compiles a CPU fit
         with the fused solver that plans at least AUTO_COMPILE_MIN_STEPS fine-tuning steps (``max_steps`` minus
-        the BC warm-up; the plan, not what is left, so a resumed run decides as the original did)."""
+        the BC warm-up; the plan, not what is left). A fit resumed from a checkpoint keeps the decision recorded there
+        (``on_save_checkpoint``), whatever its own ``max_steps``: compiled and eager steps round differently, so
+        changing paths mid-run would break the exact resume."""
         setting = self.hparams.compile_step
-        if setting == "auto":
+        if setting == "auto" and self._checkpoint_compiles is not None:
+            self.compiles = self._checkpoint_compiles
+            if self.compiles:
+                _say("compile_step auto: compiled, as the run this checkpoint comes from decided")
+        elif setting == "auto":
             planned = (max_steps - self.hparams.bc_warmup_steps) if max_steps is not None and max_steps > 0 else 0
             self.compiles = (
                 self.hparams.sde_solver == "fused" and device.type == "cpu" and planned >= AUTO_COMPILE_MIN_STEPS
@@ -171,6 +178,14 @@ class AdjointMatchingAgent(FlowAgent):
     def on_fit_start(self) -> None:
         super().on_fit_start()
         self.resolve_compile_step(self.device, self.trainer.max_steps)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["compile_step_resolved"] = self.compiles
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self._checkpoint_compiles = checkpoint.get("compile_step_resolved")  # absent in older checkpoints: decide
 
     def step_losses(self) -> Callable[..., tuple[Tensor, Tensor, Tensor, AMOutput]]:
         """``fine_tune_losses``, compiled once per agent class when this fit compiles (``compile_step``)."""
