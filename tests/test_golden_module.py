@@ -37,6 +37,7 @@ def recorded_agent(agent: str, **overrides):
         ("trqam", False, "auto"),
         ("qam", False, "auto"),
         ("trqam", True, "auto"),
+        ("trqam", "torchsde", "auto"),  # compiled after an eager torchsde rollout
         pytest.param("qam", True, "auto", marks=pytest.mark.slow),
         pytest.param("trqam", False, "onednn", marks=pytest.mark.skipif(not onednn_available(), reason="no oneDNN")),
         ("trqam", False, "mkl"),
@@ -46,7 +47,7 @@ def test_one_trainer_step_reproduces_the_recorded_update(agent, compiled, gemm_b
     """Eager, and with ``compile_step`` (the fine-tuning losses and their backward as one torch.compile graph); with
     the GEMM kernel calibrated ("auto") or forced to either kernel (``gemm_backend``)."""
     monkeypatch.delenv("TRQAM_GEMM", raising=False)
-    fast = {"compile_step": True, "sde_solver": "fused"} if compiled else {}
+    fast = {"compile_step": True, "sde_solver": "fused" if compiled is True else compiled} if compiled else {}
     model, maps, batch, a, meta = recorded_agent(agent, gemm_backend=gemm_backend, **fast)
     cfg = meta["config"]
     count = meta["state_set_by_harness"]["adam_count"]

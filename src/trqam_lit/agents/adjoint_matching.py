@@ -18,7 +18,7 @@ from trqam_lit.agents.base import FlowAgent
 from trqam_lit.math.adjoint import AMOutput, adjoint_matching_objective
 from trqam_lit.math.flow import ACTION_CLIP, sample_actions
 from trqam_lit.math.nets import VelocityField
-from trqam_lit.math.sde import FlowSDE, Solver, rollout_fused_with_ode
+from trqam_lit.math.sde import FlowSDE, Solver, rollout, rollout_fused_with_ode
 
 _COMPILED: dict[type, Callable] = {}  # compiled fine_tune_losses per agent class (compile_step)
 
@@ -52,21 +52,17 @@ class AdjointMatchingAgent(FlowAgent):
             compile_step: compile the fine-tuning step's losses (``fine_tune_losses``: BC, critic and adjoint
                 matching, their backward included) with ``torch.compile`` into one graph; the same numbers as the
                 eager step, about 1.7x faster at small shapes on CPU, after a compilation of about a minute on the
-                first run of a machine (~20 s once its cache is warm; docs/performance.md). Needs sde_solver
-                "fused" (torchsde's solver loop is not traced). "auto" (default): compiled when the fit pays for
-                it: sde_solver "fused", on the CPU, and at least AUTO_COMPILE_MIN_STEPS (5,000) fine-tuning steps
-                planned (max_steps minus the BC warm-up); eager otherwise (and outside a Trainer).
+                first run of a machine (~20 s once its cache is warm; docs/performance.md). With sde_solver
+                "torchsde" the rollout runs eagerly through torchsde.sdeint (its solver loop is not traced) and
+                everything after it is compiled. "auto" (default): compiled when the fit pays for it: on the CPU,
+                with at least AUTO_COMPILE_MIN_STEPS (5,000) fine-tuning steps planned (max_steps minus the BC
+                warm-up); eager otherwise (and outside a Trainer).
         """
         super().__init__(**kwargs)
         if compile_step not in (True, False, "auto"):
             raise ValueError(f"compile_step must be true, false or 'auto' (got {compile_step!r})")
         self.compiles = compile_step is True  # resolved for "auto" when a fit starts (resolve_compile_step)
         self._checkpoint_compiles: bool | None = None  # "auto"'s decision as a resumed checkpoint recorded it
-        if compile_step is True and sde_solver != "fused":
-            raise ValueError(
-                f"compile_step=True needs sde_solver='fused' (got {sde_solver!r}): torch.compile traces the fused "
-                "Euler-Maruyama loop, not torchsde's solver (both give identical states)"
-            )
 
     def build_policy(self) -> None:
         hp = self.hparams
@@ -132,15 +128,16 @@ class AdjointMatchingAgent(FlowAgent):
         }
 
     def fine_tune_losses(
-        self, batch: dict[str, Tensor], noise: dict[str, Tensor]
+        self, batch: dict[str, Tensor], noise: dict[str, Tensor], xs: Tensor | None = None
     ) -> tuple[Tensor, Tensor, Tensor, AMOutput]:
         """(L_BC, L_Q, Q(s, a), the AM pass) of one fine-tuning step: a pure function of the weights, the batch and
-        the draws (``draw_step_noise``), so ``compile_step`` can compile it as one graph."""
+        the draws (``draw_step_noise``), so ``compile_step`` can compile it as one graph; ``xs``: the AM rollout's
+        states when already computed (``rollout_states``, the compiled step with torchsde)."""
         bc = self.bc_loss(batch, noise["bc_x0"], noise["bc_t"])
         s = batch["observations"]
         if not self.shares_rollout:
             q_loss, q = self.critic_loss(batch, noise["next_noise"])
-            return bc, q_loss, q, self.actor_objective(s, noise["am_x0"], noise["am_eps"])
+            return bc, q_loss, q, self.actor_objective(s, noise["am_x0"], noise["am_eps"], xs=xs)
         with torch.no_grad():
             sde = FlowSDE(self.v_ft, self.v_base, s, self.flow_steps)
             xs, a_next = rollout_fused_with_ode(
@@ -151,7 +148,7 @@ class AdjointMatchingAgent(FlowAgent):
 
     def resolve_compile_step(self, device: torch.device, max_steps: int | None) -> bool:
         """Whether this fit compiles the step (``compile_step``): True / False as given; "auto" compiles a CPU fit
-        with the fused solver that plans at least AUTO_COMPILE_MIN_STEPS fine-tuning steps (``max_steps`` minus
+        that plans at least AUTO_COMPILE_MIN_STEPS fine-tuning steps (``max_steps`` minus
         the BC warm-up; the plan, not what is left). A fit resumed from a checkpoint keeps the decision recorded there
         (``on_save_checkpoint``), whatever its own ``max_steps``: compiled and eager steps round differently, so
         changing paths mid-run would break the exact resume."""
@@ -162,9 +159,7 @@ class AdjointMatchingAgent(FlowAgent):
                 _say("compile_step auto: compiled, as the run this checkpoint comes from decided")
         elif setting == "auto":
             planned = (max_steps - self.hparams.bc_warmup_steps) if max_steps is not None and max_steps > 0 else 0
-            self.compiles = (
-                self.hparams.sde_solver == "fused" and device.type == "cpu" and planned >= AUTO_COMPILE_MIN_STEPS
-            )
+            self.compiles = device.type == "cpu" and planned >= AUTO_COMPILE_MIN_STEPS
             if self.compiles:
                 _say(
                     f"compile_step auto: {planned} fine-tuning steps planned, so the step is compiled with "
@@ -188,13 +183,28 @@ class AdjointMatchingAgent(FlowAgent):
         self._checkpoint_compiles = checkpoint.get("compile_step_resolved")  # absent in older checkpoints: decide
 
     def step_losses(self) -> Callable[..., tuple[Tensor, Tensor, Tensor, AMOutput]]:
-        """``fine_tune_losses``, compiled once per agent class when this fit compiles (``compile_step``)."""
+        """``fine_tune_losses``, compiled once per agent class when this fit compiles (``compile_step``; with torchsde
+        the rollout runs eagerly first and hands its states to the compiled rest)."""
         if not self.compiles:
             return self.fine_tune_losses
         cls = type(self)
         if cls not in _COMPILED:  # the unbound function: the compiled code holds no reference to a model
             _COMPILED[cls] = _announced(torch.compile(cls.fine_tune_losses, fullgraph=True, dynamic=False), cls)
-        return functools.partial(_COMPILED[cls], self)
+        compiled = _COMPILED[cls]
+        if self.hparams.sde_solver == "fused":
+            return functools.partial(compiled, self)
+
+        def eager_rollout_then_compiled(batch: dict[str, Tensor], noise: dict[str, Tensor]):
+            xs = self.rollout_states(batch["observations"], noise["am_x0"], noise["am_eps"])
+            return compiled(self, batch, noise, xs)
+
+        return eager_rollout_then_compiled
+
+    def rollout_states(self, s: Tensor, x0: Tensor, eps: Tensor) -> Tensor:
+        """The AM rollout's states (K+1, B, A) from its draws, without a graph, with the configured solver (what
+        ``adjoint_matching_objective`` computes when it is not handed them)."""
+        with torch.no_grad():
+            return rollout(FlowSDE(self.v_ft, self.v_base, s, self.flow_steps), x0, eps, self.hparams.sde_solver)
 
     def policy_loss(self, s: Tensor) -> tuple[Tensor, dict[str, Tensor]] | None:
         """The loss a variant adds to L_Q + L_BC + L_AM and its terms by scalar name (logged, and checked for NaN/inf
