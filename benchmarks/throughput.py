@@ -238,9 +238,8 @@ def main() -> None:
     parser.add_argument("--precision", default="32-true")
     parser.add_argument(
         "--compile", action="store_true", default=None,
-        help="compile_step=True for the AM agents (fused: one graph; torchsde: eager rollout, the rest compiled); without "
-        "it, the agents' default (auto: "
-        "eager for a benchmark's few steps)",
+        help="compile_step=True for the AM agents (fused: one graph; torchsde: eager rollout, the rest compiled); "
+        "without it, the agents' default (auto: eager for a benchmark's few steps)",
     )  # fmt: skip
     parser.add_argument(
         "--matmul-precision",

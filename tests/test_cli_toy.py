@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import pytest
 import torch
@@ -288,6 +289,10 @@ def test_a_config_without_a_trainer_section_gets_the_documented_defaults(tmp_pat
     assert (t.max_steps, t.val_check_interval, t.num_sanity_val_steps, t.log_every_n_steps) == (1000, 1000, 0, 50)
     assert t.checkpoint_callback._every_n_train_steps == 1000 and t.checkpoint_callback.save_last
     assert isinstance(t.strategy.checkpoint_io, AtomicCheckpointIO)  # no half-written last.ckpt after a kill
+    with warnings.catch_warnings():  # the run's saved config.yaml names the plugin (an instance made a warning)
+        warnings.simplefilter("error")
+        saved = cli.parser.dump(cli.config)
+    assert "class_path: trqam_lit.training.checkpoint.AtomicCheckpointIO" in saved
     assert isinstance(t.logger, TensorBoardLogger) and t.logger.save_dir == "runs"
     assert t.logger._default_hp_metric is False
 

@@ -10,7 +10,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from trqam_lit.agents import FlowAgent
 from trqam_lit.training.callbacks import Checkpoint, EvaluationSummary, FinalEvaluation, StepsPerSecond
-from trqam_lit.training.checkpoint import AtomicCheckpointIO, check_checkpoint_file
+from trqam_lit.training.checkpoint import check_checkpoint_file
 from trqam_lit.training.online import OnlinePhase
 from trqam_lit.training.threads import ThreadBudget
 
@@ -106,7 +106,9 @@ def trainer_defaults() -> dict:
             "init_args": {"save_dir": "runs", "name": None, "default_hp_metric": False},  # name: name_the_run
         },
         "callbacks": [FinalEvaluation(), StepsPerSecond(), EvaluationSummary(), ThreadBudget()],
-        "plugins": [AtomicCheckpointIO()],  # a run killed while saving never leaves a half-written last.ckpt
+        # a run killed while saving never leaves a half-written last.ckpt (a class path: an instance here makes
+        # jsonargparse warn on every fit that it cannot write it into the saved config.yaml)
+        "plugins": [{"class_path": "trqam_lit.training.checkpoint.AtomicCheckpointIO"}],
         "val_check_interval": 1000,
         "num_sanity_val_steps": 0,  # an evaluation is a batch of episodes: never run one just as a sanity check
         "check_val_every_n_epoch": None,
