@@ -134,6 +134,12 @@ def test_a_resumed_fit_keeps_the_compile_decision_of_its_checkpoint(monkeypatch,
     older = TRQAM(obs_dim=OBS, action_dim=ACT, sde_solver="fused", bc_warmup_steps=2)
     older.on_load_checkpoint({"state_dict": {}})  # a checkpoint written before the decision was recorded: decide
     assert older.resolve_compile_step(torch.device("cpu"), 100) is True
+    # ... by the rule of its time, under which torchsde stayed eager (so its run continues on its path)
+    older_sde = TRQAM(obs_dim=OBS, action_dim=ACT, sde_solver="torchsde", bc_warmup_steps=2)
+    older_sde.on_load_checkpoint({"state_dict": {}})
+    assert older_sde.resolve_compile_step(torch.device("cpu"), 100) is False
+    fresh.on_load_checkpoint({"compile_step_resolved": True, "state_dict": {}})
+    assert fresh.resolve_compile_step(torch.device("cuda"), 100) is False  # a CPU decision does not bind a GPU run
 
 
 @pytest.mark.slow

@@ -123,3 +123,30 @@ def test_penalty_and_dual_reach_the_known_multiplier():
         dual.step(kl_penalty(u, base, num_steps=1, horizon=1).detach())
     assert float(dual.lam) == pytest.approx(lam_star, rel=0.02)
     assert float(kl_penalty(u, base, 1, 1)) == pytest.approx(eps, rel=0.02)
+
+
+def test_the_compiled_step_equals_the_eager_step():
+    """``compile_step``: the penalty, set on the agent inside the compiled graph, and its gradient are the eager step's
+    (the paired cube-single grid runs QAM-KL compiled)."""
+    batch = random_batch(obs=4, act=6)
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        agent = QAMKL(**SMALL, lam_init=0.7, inv_temp=3.0, compile_step=compiled)
+        agent.copy_bc_into_policy()
+        gen = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for p in agent.v_ft.parameters():
+                p.add_(0.3 * torch.randn(p.shape, generator=gen))
+        torch.manual_seed(3)
+        loss, info = agent.fine_tune_loss(batch)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in agent.named_parameters() if p.grad is not None}
+        results.append((loss, info["actor/kl_penalty"], grads))
+    (loss, penalty, grads), (c_loss, c_penalty, c_grads) = results
+    assert float(penalty) > 1e-3
+    torch.testing.assert_close(c_loss, loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(c_penalty, penalty, rtol=1e-5, atol=1e-7)
+    assert grads.keys() == c_grads.keys() and grads
+    for name, grad in grads.items():
+        torch.testing.assert_close(c_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -62,7 +62,9 @@ class AdjointMatchingAgent(FlowAgent):
         if compile_step not in (True, False, "auto"):
             raise ValueError(f"compile_step must be true, false or 'auto' (got {compile_step!r})")
         self.compiles = compile_step is True  # resolved for "auto" when a fit starts (resolve_compile_step)
-        self._checkpoint_compiles: bool | None = None  # "auto"'s decision as a resumed checkpoint recorded it
+        # "auto"'s decision as a resumed checkpoint recorded it ("fused only": an older checkpoint, decided by the
+        # rule of its time, under which torchsde stayed eager)
+        self._checkpoint_compiles: bool | str | None = None
 
     def build_policy(self) -> None:
         hp = self.hparams
@@ -151,15 +153,18 @@ class AdjointMatchingAgent(FlowAgent):
         that plans at least AUTO_COMPILE_MIN_STEPS fine-tuning steps (``max_steps`` minus
         the BC warm-up; the plan, not what is left). A fit resumed from a checkpoint keeps the decision recorded there
         (``on_save_checkpoint``), whatever its own ``max_steps``: compiled and eager steps round differently, so
-        changing paths mid-run would break the exact resume."""
+        changing paths mid-run would break the exact resume. A recorded decision binds CPU fits only (a CPU run resumed
+        on a GPU decides as a GPU run)."""
         setting = self.hparams.compile_step
-        if setting == "auto" and self._checkpoint_compiles is not None:
+        if setting == "auto" and device.type == "cpu" and isinstance(self._checkpoint_compiles, bool):
             self.compiles = self._checkpoint_compiles
             if self.compiles:
                 _say("compile_step auto: compiled, as the run this checkpoint comes from decided")
         elif setting == "auto":
             planned = (max_steps - self.hparams.bc_warmup_steps) if max_steps is not None and max_steps > 0 else 0
             self.compiles = device.type == "cpu" and planned >= AUTO_COMPILE_MIN_STEPS
+            if self._checkpoint_compiles == "fused only":  # a checkpoint from before torchsde could be compiled
+                self.compiles = self.compiles and self.hparams.sde_solver == "fused"
             if self.compiles:
                 _say(
                     f"compile_step auto: {planned} fine-tuning steps planned, so the step is compiled with "
@@ -180,7 +185,8 @@ class AdjointMatchingAgent(FlowAgent):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
-        self._checkpoint_compiles = checkpoint.get("compile_step_resolved")  # absent in older checkpoints: decide
+        # absent in checkpoints written before the decision was recorded: decide as they did (torchsde stayed eager)
+        self._checkpoint_compiles = checkpoint.get("compile_step_resolved", "fused only")
 
     def step_losses(self) -> Callable[..., tuple[Tensor, Tensor, Tensor, AMOutput]]:
         """``fine_tune_losses``, compiled once per agent class when this fit compiles (``compile_step``; with torchsde

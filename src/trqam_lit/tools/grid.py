@@ -153,7 +153,7 @@ class Grid:
             for task, task_overrides in tasks.items():
                 for seed in spec["seeds"]:
                     overrides = tuple(
-                        fill_placeholders(o, agent=agent, task=str(task), seed=int(seed))
+                        fill_placeholders(str(o), agent=agent, task=str(task), seed=int(seed))
                         for o in (*common, *(entry.get("overrides") or ()), *(task_overrides or ()))
                     )
                     run_dir = root / agent / str(task) / f"seed{int(seed)}"
