@@ -128,8 +128,21 @@ def test_replaying_a_shipped_demo_from_its_first_state_reproduces_its_success(ta
         successes.append(bool(env.env._check_success()))
     env.close()
     assert successes[-1] and not any(successes[:-1]), f"{task}: success at {np.flatnonzero(successes)}"
-    # Simulator output differs in the last bits between CPUs: the measured drift over a whole demo is far below this.
-    np.testing.assert_allclose(np.stack(replayed), stored_next, atol=1e-3)
+    replayed = np.stack(replayed)
+    # Observations: eef pos (3), then per object its pos (3), quat (4), eef-relative pos (3) and, on can and square,
+    # eef-relative quat (4). The positions replay to the stored ones on every CPU measured (max difference 0 on an
+    # AMD Zen 3 against a fixture written on a Zen 4). The quaternions are rotations up to sign: with a component
+    # near 0 the sign robosuite's conversion picks flips with the last bits (69 of 220 steps on can, 2 of 147 on
+    # square), and their components differ by up to 1.7e-3 there; compared up to sign with a tolerance above that.
+    quats = [slice(6, 10)] + ([slice(13, 17)] if replayed.shape[1] == 17 else [])
+    positions = np.setdiff1d(np.arange(replayed.shape[1]), np.r_[tuple(quats)])
+    np.testing.assert_allclose(replayed[:, positions], stored_next[:, positions], atol=1e-3)
+    for q in quats:
+        flipped = np.sum((replayed[:, q] + stored_next[:, q]) ** 2, 1) < np.sum(
+            (replayed[:, q] - stored_next[:, q]) ** 2, 1
+        )
+        aligned = np.where(flipped[:, None], -replayed[:, q], replayed[:, q])
+        np.testing.assert_allclose(aligned, stored_next[:, q], atol=5e-3)
 
 
 def test_a_demo_with_its_model_file_replays_from_any_reset(tmp_path):
