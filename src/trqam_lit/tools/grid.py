@@ -20,7 +20,7 @@ def fill_placeholders(override: str, agent: str, task: str, seed: int) -> str:
     """An override with ``{agent}``, ``{task}`` and ``{seed}`` replaced by the run's (for paired runs: each seed's
     fine-tuning starts from that seed's BC checkpoint, ``--model.init_args.init_from=.../seed{seed}/...``). Only these
     three are replaced; other braces (a JSON value) are left as they are."""
-    for key, value in (("{agent}", agent), ("{task}", task), ("{seed}", str(seed))):
+    for key, value in zip(PLACEHOLDERS, (agent, task, str(seed)), strict=True):
         override = override.replace(key, value)
     return override
 
